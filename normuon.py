@@ -74,7 +74,8 @@ def normalize_rows(orthogonal: Tensor, second_moment: Tensor, beta2: float, eps:
     ``second_moment`` has shape (..., m, 1)), then Ô_t = O_t / (sqrt(v_t) + ε). Rows are neurons:
     everything here is per row, which is why a rank holding whole rows needs no communication."""
     orthogonal = orthogonal.float()  # correctness: the statistic and the division in fp32
-    second_moment.lerp_(orthogonal.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    mean_square = orthogonal.square().mean(dim=-1, keepdim=True)
+    second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)  # state keeps the parameter's dtype
     return orthogonal / (second_moment.sqrt() + eps)
 
 
@@ -255,7 +256,7 @@ def _orthogonalize_sharded(update: Tensor, rows: int, owners: list, process_grou
     orthogonal[:, :rows] = newton_schulz(full[:, :rows], steps)
 
     # 3. Scatter: the owner sends each rank its rows of the result, in bf16; undo the owner order.
-    send_back = orthogonal.view(mine, world_size, chunk, columns).transpose(0, 1).contiguous()
+    send_back = orthogonal.view(mine, world_size, chunk, columns).transpose(0, 1).reshape(world_size * mine, chunk, columns)
     returned = send.new_empty(count, chunk, columns)
     dist.all_to_all_single(returned, send_back, matrices_per_rank, [mine] * world_size, group=process_group)
     result = torch.empty_like(returned)
