@@ -69,24 +69,23 @@ def momentum_update(grad: Tensor, momentum_buffer: Tensor, momentum: float, nest
     return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
 
 
-def normalize_rows(orthogonal: Tensor, second_moment: Tensor, beta2: float, eps: float) -> Tensor:
-    """Lines 4-5: v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t) (in place; one scalar per row,
-    ``second_moment`` has shape (..., m, 1)), then Ô_t = O_t / (sqrt(v_t) + ε). Rows are neurons:
-    everything here is per row, which is why a rank holding whole rows needs no communication."""
-    orthogonal = orthogonal.float()  # correctness: the statistic and the division in fp32
-    mean_square = orthogonal.square().mean(dim=-1, keepdim=True)
+def update_second_moment(orthogonal: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """Line 4: v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t), in place: one scalar per row
+    (neuron), ``second_moment`` has shape (..., m, 1). Returns mean_cols(O_t ⊙ O_t) too.
+    Everything here is per row, which is why a rank holding whole rows needs no communication."""
+    # Speed: one read of the bf16 O_t, accumulated in fp32, no fp32 copy of O_t.
+    mean_square = torch.linalg.vector_norm(orthogonal, dim=-1, keepdim=True, dtype=torch.float32).square() / orthogonal.size(-1)
     second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)  # state keeps the parameter's dtype
-    return orthogonal / (second_moment.sqrt() + eps)
+    return mean_square
 
 
-def update_scale(shape, adjust_lr_fn: str, normalize: bool,
-                 orthogonal_square_sum: Tensor = None, normalized_square_sum: Tensor = None):
+def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor = None):
     """The factor that multiplies the learning rate for this matrix (line 6).
 
-    With ``normalize=True`` (NorMuon), from the squared Frobenius norms of O_t and Ô_t:
-      - "match_rms_adamw" (the paper's box): 0.2 sqrt(m n) / ||Ô||_F, so the update's RMS is
+    With ``normalize=True`` (NorMuon), from ``square_norms`` (..., 2) = (||O_t||²_F, ||Ô_t||²_F):
+      - "match_rms_adamw" (the paper's box): 0.2 sqrt(m n) / ||Ô_t||_F, so the update's RMS is
         exactly 0.2 and AdamW's learning rate and schedule carry over;
-      - "original" (the released code): ||O||_F / ||Ô||_F, which gives Ô back the norm O had
+      - "original" (the released code): ||O_t||_F / ||Ô_t||_F, which gives Ô_t back the norm O_t had
         before row normalization, times Muon's sqrt(max(1, m / n)); Muon-scale learning rate.
     With ``normalize=False`` (plain Muon) the scale of ``torch.optim.Muon``: 0.2 sqrt(max(m, n))
     or sqrt(max(1, m / n)); no norms are needed.
@@ -95,17 +94,13 @@ def update_scale(shape, adjust_lr_fn: str, normalize: bool,
     if not normalize:
         return 0.2 * math.sqrt(max(rows, columns)) if adjust_lr_fn == "match_rms_adamw" else \
             math.sqrt(max(1.0, rows / columns))
-    # Correctness: an all-zero gradient gives Ô = 0; the clamp turns 0/0 into 0 * finite = 0.
-    normalized_norm = normalized_square_sum.sqrt().clamp(min=1e-30)
+    orthogonal_norm, normalized_norm = square_norms.sqrt().unbind(-1)
+    # Correctness: an all-zero gradient gives Ô_t = 0 and 0/0 here; the clamp makes that a finite
+    # factor times zero. Otherwise ||Ô_t||_F ~ sqrt(m n) (rows of RMS ~1/sqrt(1-β2)), far above 1e-12.
+    normalized_norm = normalized_norm.clamp(min=1e-12)
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(rows * columns) / normalized_norm
-    return orthogonal_square_sum.sqrt() / normalized_norm * math.sqrt(max(1.0, rows / columns))
-
-
-def square_sums(orthogonal: Tensor, normalized: Tensor) -> Tensor:
-    """Squared Frobenius norms of O_t and Ô_t, shape (..., 2): the only numbers that need every row
-    of a matrix after NS, so the only ones a row-sharded caller must add up across ranks."""
-    return torch.stack([orthogonal.float().square().sum(dim=(-2, -1)), normalized.square().sum(dim=(-2, -1))], dim=-1)
+    return orthogonal_norm / normalized_norm * math.sqrt(max(1.0, rows / columns))
 
 
 def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor, *, momentum: float = 0.95,
@@ -113,8 +108,8 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
                    adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True,
                    orthogonalize=newton_schulz, add_across_ranks=None, shape=None) -> Tensor:
     """Algorithm 1 on matrices ``grad`` (..., m, n): updates ``momentum_buffer`` (same shape) and
-    ``second_moment`` (..., m, 1) in place and returns the step direction D (fp32), so that
-    W_t = W_{t-1} - η λ W_{t-1} - η D. With "match_rms_adamw", RMS(D) = 0.2 exactly.
+    ``second_moment`` (..., m, 1) in place and returns the step direction D = (η̂_t / η) Ô_t (fp32),
+    so that W_t = W_{t-1} - η λ W_{t-1} - η D. With "match_rms_adamw", RMS(D) = 0.2 exactly.
 
     Only two lines need more than the rows at hand, and they are the two hooks a row-sharded caller
     (the optimizer under FSDP2) replaces: ``orthogonalize`` (NS needs the whole matrix) and
@@ -122,16 +117,20 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
     place). ``shape`` is then the full (m, n). On one device, leave all three at their defaults.
     """
     shape = grad.shape[-2:] if shape is None else shape
-    update = momentum_update(grad, momentum_buffer, momentum, nesterov)    # line 2: M_t
-    orthogonal = orthogonalize(update, ns_steps)                            # line 3: O_t = NS5(M_t)
-    if not normalize:                                                       # plain Muon: D = scale · O_t
-        return orthogonal.float() * update_scale(shape, adjust_lr_fn, normalize=False)
-    normalized = normalize_rows(orthogonal, second_moment, beta2, eps)      # lines 4-5: v_t, Ô_t
-    sums = square_sums(orthogonal, normalized)                              # ||O_t||², ||Ô_t||²
+    update = momentum_update(grad, momentum_buffer, momentum, nesterov)   # line 2: M_t
+    orthogonal = orthogonalize(update, ns_steps)                           # line 3: O_t = NS5(M_t)
+    if not normalize:                                                      # plain Muon: D = scale · O_t
+        return orthogonal.float().mul_(update_scale(shape, adjust_lr_fn, normalize=False))  # fp32, as torch's add_
+    mean_square = update_second_moment(orthogonal, second_moment, beta2)  # line 4: v_t
+    row_divisor = second_moment.float().sqrt() + eps                       # line 5: Ô_t = O_t / row_divisor
+    # ||O_t||² and ||Ô_t||² from per-row numbers alone (row i of Ô_t is O_t,i / row_divisor_i), so
+    # they cost no pass over the matrix and, sharded, an all-reduce of 2 numbers per matrix.
+    row_square_norms = torch.cat([mean_square, mean_square / row_divisor.square()], dim=-1) * shape[-1]
+    square_norms = row_square_norms.sum(dim=-2)                            # (..., 2)
     if add_across_ranks is not None:
-        add_across_ranks(sums)
-    scale = update_scale(shape, adjust_lr_fn, True, sums[..., 0], sums[..., 1])  # line 6: η̂_t / η
-    return normalized * scale[..., None, None]
+        add_across_ranks(square_norms)
+    scale = update_scale(shape, adjust_lr_fn, True, square_norms)         # line 6: η̂_t / η
+    return orthogonal * (scale[..., None, None] / row_divisor)             # (η̂_t / η) Ô_t, one pass over O_t
 
 
 # -----------------------------------------------------------------------------
@@ -276,8 +275,8 @@ def _check_hyperparameters(group: dict) -> None:
             raise ValueError(f"NorMuon: {name} must be in [0, 1), got {group[name]}.")
     if not group["weight_decay"] >= 0:
         raise ValueError(f"NorMuon: weight_decay must be >= 0, got {group['weight_decay']}.")
-    if not group["eps"] >= 0:
-        raise ValueError(f"NorMuon: eps must be >= 0, got {group['eps']}.")
+    if not group["eps"] > 0:
+        raise ValueError(f"NorMuon: eps must be > 0 (it keeps an all-zero row at zero), got {group['eps']}.")
     if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
         raise ValueError(f"NorMuon: ns_steps must be an integer >= 1, got {group['ns_steps']}.")
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:

@@ -335,6 +335,7 @@ def test_conv_kernel_is_trained_as_its_flattened_matrix():
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], beta2=-0.1), r"beta2 must be in \[0, 1\)"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], ns_steps=0), "ns_steps must be an integer >= 1"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], weight_decay=-0.1), "weight_decay must be >= 0"),
+    (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], eps=0.0), "eps must be > 0"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="adamw"), "adjust_lr_fn must be one of"),
     (lambda: normuon.NorMuon([dict(params=[nn.Parameter(torch.zeros(4, 4))], lr=float("nan"))]), "lr must be >= 0"),
 ])
