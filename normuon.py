@@ -105,19 +105,26 @@ def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor
 
 def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor, *, momentum: float = 0.95,
                    beta2: float = 0.95, nesterov: bool = False, ns_steps: int = 5, eps: float = 1e-10,
-                   adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True,
-                   orthogonalize=newton_schulz, add_across_ranks=None, shape=None) -> Tensor:
+                   adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True) -> Tensor:
     """Algorithm 1 on matrices ``grad`` (..., m, n): updates ``momentum_buffer`` (same shape) and
     ``second_moment`` (..., m, 1) in place and returns the step direction D = (η̂_t / η) Ô_t (fp32),
-    so that W_t = W_{t-1} - η λ W_{t-1} - η D. With "match_rms_adamw", RMS(D) = 0.2 exactly.
+    so that W_t = W_{t-1} - η λ W_{t-1} - η D. With "match_rms_adamw", RMS(D) = 0.2 exactly."""
+    update = momentum_update(grad, momentum_buffer, momentum, nesterov)  # line 2: M_t
+    return normuon_direction(update, second_moment, beta2=beta2, ns_steps=ns_steps, eps=eps,  # lines 3-6
+                             adjust_lr_fn=adjust_lr_fn, normalize=normalize)
+
+
+def normuon_direction(update: Tensor, second_moment: Tensor, *, beta2: float, ns_steps: int, eps: float,
+                      adjust_lr_fn: str, normalize: bool, orthogonalize=newton_schulz, add_across_ranks=None,
+                      shape=None) -> Tensor:
+    """Lines 3-6 of Algorithm 1, from the momentum M_t (``update``) to the direction D.
 
     Only two lines need more than the rows at hand, and they are the two hooks a row-sharded caller
     (the optimizer under FSDP2) replaces: ``orthogonalize`` (NS needs the whole matrix) and
     ``add_across_ranks`` (the Frobenius norms need every row; it sums a tensor across ranks in
     place). ``shape`` is then the full (m, n). On one device, leave all three at their defaults.
     """
-    shape = grad.shape[-2:] if shape is None else shape
-    update = momentum_update(grad, momentum_buffer, momentum, nesterov)   # line 2: M_t
+    shape = update.shape[-2:] if shape is None else shape
     orthogonal = orthogonalize(update, ns_steps)                           # line 3: O_t = NS5(M_t)
     if not normalize:                                                      # plain Muon: D = scale · O_t
         return orthogonal.float().mul_(update_scale(shape, adjust_lr_fn, normalize=False))  # fp32, as torch's add_
@@ -196,10 +203,17 @@ class NorMuon(torch.optim.Optimizer):
                 state["second_moment"] = _zeros_per_row(param)
         # Work on plain local tensors, rows flattened: (rows here, n). Speed: DTensor ops are slow.
         as_rows = lambda tensor: _local(tensor).flatten(1)
+        grads = [as_rows(p.grad) for p in params]
         momentum_buffers = [as_rows(self.state[p]["momentum_buffer"]) for p in params]
         second_moments = [as_rows(self.state[p]["second_moment"]) for p in params]
-        momentum_buffer, second_moment = torch.stack(momentum_buffers), torch.stack(second_moments)
-        grad = torch.stack([as_rows(p.grad) for p in params]).to(momentum_buffer.dtype)  # (K, rows, n)
+
+        # Line 2, momentum_update() on each parameter's own buffer. Speed: one fused kernel, no stacked
+        # copy of the momentum; then a single copy stacks the matrices as NS's bf16 input.
+        torch._foreach_lerp_(momentum_buffers, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, momentum_buffers, group["momentum"]) if group["nesterov"] else momentum_buffers
+        update = grads[0].new_empty((len(params), *grads[0].shape), dtype=torch.bfloat16)  # (K, rows, n)
+        torch._foreach_copy_(list(update.unbind(0)), updates)
+        second_moment = torch.stack(second_moments)  # (K, rows, 1)
 
         shape = (params[0].shape[0], math.prod(params[0].shape[1:]))  # the full matrix (m, n)
         hooks = {}
@@ -211,12 +225,10 @@ class NorMuon(torch.optim.Optimizer):
             hooks = dict(orthogonalize=lambda update, steps: _orthogonalize_sharded(
                 update, shape[0], owners, process_group, steps),
                 add_across_ranks=lambda sums: dist.all_reduce(sums, group=process_group))
-        direction = normuon_update(
-            grad, momentum_buffer, second_moment, momentum=group["momentum"], beta2=group["beta2"],
-            nesterov=group["nesterov"], ns_steps=group["ns_steps"], eps=group["eps"],
+        direction = normuon_direction(  # lines 3-6
+            update, second_moment, beta2=group["beta2"], ns_steps=group["ns_steps"], eps=group["eps"],
             adjust_lr_fn=group["adjust_lr_fn"], normalize=group["normalize"], shape=shape, **hooks)
 
-        torch._foreach_copy_(momentum_buffers, list(momentum_buffer.unbind(0)))
         torch._foreach_copy_(second_moments, list(second_moment.unbind(0)))
         weights = [as_rows(p) for p in params]
         lr, weight_decay = float(group["lr"]), group["weight_decay"]
