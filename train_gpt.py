@@ -81,6 +81,7 @@ class GPTConfig:
 
 PRESETS = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=64, block_size=128),  # 0.25M parameters: minutes on a CPU
+    "shakespeare-10m": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT's character model
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-350m": GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
 }
@@ -625,6 +626,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
     # --- the loop
     tracked = tracked_matrices(model)
     metrics = []
+    training_seconds, logged_seconds, logged_step = 0.0, 0.0, start_step  # evaluation and checkpoints excluded
     for step in range(start_step, config.max_steps):
         started = time.perf_counter()
         done = step + 1  # steps completed after this one: what logs and checkpoints count
@@ -653,17 +655,22 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        step_seconds = time.perf_counter() - started
+        if log_now and device.type == "cuda":
+            torch.cuda.synchronize(device)  # timing: the GPU work queued since the last log is done
+        training_seconds += time.perf_counter() - started
 
         if log_now:
+            step_seconds = (training_seconds - logged_seconds) / (done - logged_step)  # mean since the last log
+            logged_seconds, logged_step = training_seconds, done
             record = dict(step=done, train_loss=train_loss, lr=config.lr * factor,
                           tokens_per_second=config.batch_size * seq_len / step_seconds, step_ms=1000 * step_seconds,
-                          row_norms=latest_update_stats(tracked, before, optimizers))
+                          training_seconds=training_seconds, row_norms=latest_update_stats(tracked, before, optimizers))
             if done % config.eval_interval == 0 or last:
                 record["val_loss"] = evaluate()
             if device.type == "cuda":
                 record["mfu"] = model_config.flops_per_token() * record["tokens_per_second"] / (
                     config.peak_tflops * 1e12 * world_size)
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30  # this rank's
             metrics.append(record)
             if rank == 0:
                 with open(run_dir / "metrics.jsonl", "a") as file:
@@ -689,7 +696,7 @@ def format_log_line(record: dict, max_steps: int) -> str:
     line += f" | val {record['val_loss']:.4f}" if "val_loss" in record else " | val    -  "
     line += f" | lr {record['lr']:.2e} | {record['tokens_per_second']:,.0f} tok/s | {record['step_ms']:.0f} ms"
     if "mfu" in record:
-        line += f" | mfu {100 * record['mfu']:.1f}%"
+        line += f" | mfu {100 * record['mfu']:.1f}% | {record['peak_memory_gib']:.1f} GiB"
     name = next(name for name in record["row_norms"] if ".mlp.fc" in name)  # the paper's Figure 1 matrix
     stats = record["row_norms"][name]
     return line + f" | {name} update rows: cv {stats['cv']:.3f} max/min {stats['max_over_min']:.2f}"
