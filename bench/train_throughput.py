@@ -4,7 +4,8 @@
     python bench/train_throughput.py --gpus 1 2 --optimizers normuon  # 1 vs 2 GPUs (FSDP2), same GPU kind
 
 Each run is `torchrun --nproc_per_node G train_gpt.py --preset gpt2-124m --compile` on the default corpus,
-16 sequences of 1024 tokens per GPU per step (the global batch grows with G: weak scaling), 60 steps.
+64 sequences of 1024 tokens per GPU per step (as modded-nanogpt; the global batch grows with G: weak
+scaling), 50 steps.
 Tokens/s is the median over the log intervals after the first (which holds the compilation). MFU is taken
 against the bf16 matmul rate measured here first (8192³), not the data-sheet peak. Writes
 bench/results/train_throughput_<gpus>.json.
@@ -51,8 +52,8 @@ def main():
     parser.add_argument("--gpus", type=int, nargs="+", default=[1])
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "normuon"])
     parser.add_argument("--preset", default="gpt2-124m")
-    parser.add_argument("--batch_per_gpu", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch_per_gpu", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
 
     peak_tflops = bf16_matmul_tflops()
