@@ -75,7 +75,7 @@ def update_second_moment(orthogonal: Tensor, second_moment: Tensor, beta2: float
     Everything here is per row, which is why a rank holding whole rows needs no communication."""
     # Speed: one read of the bf16 O_t, accumulated in fp32, no fp32 copy of O_t.
     mean_square = torch.linalg.vector_norm(orthogonal, dim=-1, keepdim=True, dtype=torch.float32).square() / orthogonal.size(-1)
-    second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)  # state keeps the parameter's dtype
+    second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)
     return mean_square
 
 
@@ -90,6 +90,8 @@ def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor
     With ``normalize=False`` (plain Muon) the scale of ``torch.optim.Muon``: 0.2 sqrt(max(m, n))
     or sqrt(max(1, m / n)); no norms are needed.
     """
+    if adjust_lr_fn not in ADJUST_LR_FNS:  # correctness: a typo must not silently pick the other rule
+        raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}.")
     rows, columns = shape[-2], shape[-1]
     if not normalize:
         return 0.2 * math.sqrt(max(rows, columns)) if adjust_lr_fn == "match_rms_adamw" else \
@@ -127,7 +129,7 @@ def normuon_direction(update: Tensor, second_moment: Tensor, *, beta2: float, ns
     shape = update.shape[-2:] if shape is None else shape
     orthogonal = orthogonalize(update, ns_steps)                           # line 3: O_t = NS5(M_t)
     if not normalize:                                                      # plain Muon: D = scale · O_t
-        return orthogonal.float().mul_(update_scale(shape, adjust_lr_fn, normalize=False))  # fp32, as torch's add_
+        return orthogonal.float().mul_(update_scale(shape, adjust_lr_fn, normalize=False))  # fp32, as torch.optim.Muon
     mean_square = update_second_moment(orthogonal, second_moment, beta2)  # line 4: v_t
     row_divisor = second_moment.float().sqrt() + eps                       # line 5: Ô_t = O_t / row_divisor
     # ||O_t||² and ||Ô_t||² from per-row numbers alone (row i of Ô_t is O_t,i / row_divisor_i), so
@@ -136,7 +138,7 @@ def normuon_direction(update: Tensor, second_moment: Tensor, *, beta2: float, ns
     square_norms = row_square_norms.sum(dim=-2)                            # (..., 2)
     if add_across_ranks is not None:
         add_across_ranks(square_norms)
-    scale = update_scale(shape, adjust_lr_fn, True, square_norms)         # line 6: η̂_t / η
+    scale = update_scale(shape, adjust_lr_fn, normalize=True, square_norms=square_norms)  # line 6: η̂_t / η
     return orthogonal * (scale[..., None, None] / row_divisor)             # (η̂_t / η) Ô_t, one pass over O_t
 
 
@@ -157,7 +159,7 @@ class NorMuon(torch.optim.Optimizer):
     per-neuron second moment, ``eps`` is added to its square root, ``weight_decay`` is decoupled
     (W <- W - lr·weight_decay·W). Parameters must be ≥2-D; a conv kernel (out, in, kh, kw) is
     treated as the (out, in·kh·kw) matrix. Each parameter's state is ``momentum_buffer`` (shape and
-    dtype of the parameter, as in torch) and ``second_moment`` (one number per row: shape (out, 1)).
+    dtype of the parameter, as in torch) and ``second_moment`` (one fp32 number per row: shape (out, 1)).
 
     Distributed: parameters that are DTensors sharded on dim 0 over a 1-D mesh (what FSDP2's
     ``fully_shard`` makes) are handled without any extra argument. Every matrix is orthogonalized
@@ -172,11 +174,19 @@ class NorMuon(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(group)
-        for param in group["params"]:
-            _check_parameter(param)
+        super().add_param_group(param_group)  # fills in the defaults; then check the group as it will run
+        try:
+            _check_hyperparameters(self.param_groups[-1])
+            for param in self.param_groups[-1]["params"]:
+                _check_parameter(param)
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay behind
+            raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts state to the parameter's dtype; v stays fp32
+            state["second_moment"] = state["second_moment"].float()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -199,9 +209,11 @@ class NorMuon(torch.optim.Optimizer):
                                  "or a dense gradient for this parameter.")
             state = self.state[param]
             if not state:  # same keys on every rank, even one holding no rows (distributed checkpoints)
-                state["momentum_buffer"] = torch.zeros_like(param)
+                # contiguous even for a channels_last parameter, so the row view below is a view
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
                 state["second_moment"] = _zeros_per_row(param)
         # Work on plain local tensors, rows flattened: (rows here, n). Speed: DTensor ops are slow.
+        # A view, except for a non-contiguous (e.g. channels_last) tensor: then a copy (see the end).
         as_rows = lambda tensor: _local(tensor).flatten(1)
         grads = [as_rows(p.grad) for p in params]
         momentum_buffers = [as_rows(self.state[p]["momentum_buffer"]) for p in params]
@@ -235,6 +247,9 @@ class NorMuon(torch.optim.Optimizer):
         if weight_decay != 0:
             torch._foreach_mul_(weights, 1 - lr * weight_decay)
         torch._foreach_add_(weights, list(direction.to(weights[0].dtype).unbind(0)), alpha=-lr)
+        for param, weight in zip(params, weights):  # correctness: a copied (non-contiguous) parameter gets its update
+            if weight.data_ptr() != _local(param).data_ptr():
+                _local(param).copy_(weight.view(_local(param).shape))
         return next_owner
 
 
@@ -300,6 +315,8 @@ def _check_parameter(param: Tensor) -> None:
         raise ValueError(f"NorMuon got a parameter of shape {tuple(param.shape)}: it trains weight matrices "
                          "(>= 2-D) only. Use AdamW for embeddings, the output head, norms, biases and scalars "
                          "(normuon.split_parameters(model) makes the two lists).")
+    if param.numel() == 0:
+        raise ValueError(f"NorMuon got an empty parameter of shape {tuple(param.shape)}; leave it out.")
     if param.is_complex():
         raise ValueError("NorMuon does not support complex parameters; pass real matrices only.")
     if isinstance(param, DTensor):
@@ -330,8 +347,9 @@ def _local(tensor: Tensor) -> Tensor:
 
 
 def _zeros_per_row(param: Tensor) -> Tensor:
-    """A (rows, 1) zero tensor laid out like ``param``'s rows: a DTensor sharded the same way."""
-    local = torch.zeros(_local(param).shape[0], 1, dtype=param.dtype, device=_local(param).device)
+    """A (rows, 1) fp32 zero tensor laid out like ``param``'s rows: a DTensor sharded the same way."""
+    # fp32 whatever the parameter's dtype: only m numbers, and v ~ 1 / max(m, n) underflows fp16.
+    local = torch.zeros(_local(param).shape[0], 1, dtype=torch.float32, device=_local(param).device)
     if isinstance(param, DTensor):
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=torch.Size((param.shape[0], 1)), stride=(1, 1))

@@ -118,7 +118,8 @@ def test_update_matches_float64_algorithm(settings, shape):
     assert moment_error < 2e-2
 
 
-@pytest.mark.parametrize("settings", SETTINGS + [dict(normalize=False, adjust_lr_fn=fn) for fn in normuon.ADJUST_LR_FNS],
+@pytest.mark.parametrize("settings", SETTINGS + [dict(normalize=False, adjust_lr_fn=fn) for fn in normuon.ADJUST_LR_FNS]
+                         + [dict(eps=0.05)],  # an eps comparable to sqrt(v): where it enters must match line 5
                          ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_update_matches_float64_algorithm_exactly_given_the_same_ns(settings):
     """The same, with the reference calling normuon's bf16 NS on its own float64 momentum. To make that
@@ -223,6 +224,10 @@ def test_fsdp2_equals_single_device(world_size, tmp_path):
     assert max(outcome["param_errors"].values()) < 1e-6, outcome["param_errors"]
     assert max(outcome["state_errors"].values()) < 1e-6, outcome["state_errors"]
     assert all(keys == outcome["state_keys"][0] for keys in outcome["state_keys"])  # same state_dict on every rank
+    # Each matrix orthogonalized once in the job, the work spread round-robin (at most one matrix apart per step).
+    per_rank = outcome["matrices_orthogonalized_per_rank_per_step"]
+    assert sum(per_rank) == outcome["matrices"] and max(per_rank) - min(per_rank) <= 1, per_rank
+    assert "sharded on dim 0 over a 1-D mesh" in outcome["replicated_parameter_error"]
     if world_size == 3:
         assert outcome["local_rows"][2]["down_a.weight"] == 0  # the case that deadlocks naive implementations
 
@@ -327,6 +332,34 @@ def test_conv_kernel_is_trained_as_its_flattened_matrix():
     assert optimizers[0].state[kernel]["second_moment"].shape == (6, 1)
 
 
+def test_channels_last_kernel_is_updated_like_a_contiguous_one():
+    """A channels_last kernel cannot be viewed as (out, in·kh·kw): the optimizer works on a copy and
+    must write the update back (it once silently did not)."""
+    torch.manual_seed(0)
+    contiguous = nn.Parameter(torch.randn(6, 4, 3, 3))
+    channels_last = nn.Parameter(contiguous.detach().clone().to(memory_format=torch.channels_last))
+    optimizers = [normuon.NorMuon([p], lr=0.05) for p in (contiguous, channels_last)]
+    for _ in range(3):
+        grad = torch.randn(6, 4, 3, 3)
+        contiguous.grad, channels_last.grad = grad.clone(), grad.clone().to(memory_format=torch.channels_last)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert not torch.equal(contiguous.detach(), channels_last.detach().new_zeros(6, 4, 3, 3))
+    torch.testing.assert_close(channels_last.detach(), contiguous.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(optimizers[1].state[channels_last]["momentum_buffer"],
+                               optimizers[0].state[contiguous]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_second_moment_is_fp32_for_bf16_parameters_also_after_loading():
+    param = nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
+    optimizer = normuon.NorMuon([param], lr=0.1)
+    param.grad = torch.randn(16, 8, dtype=torch.bfloat16)
+    optimizer.step()
+    assert optimizer.state[param]["second_moment"].dtype == torch.float32
+    optimizer.load_state_dict(optimizer.state_dict())  # torch casts state to the parameter's dtype here
+    assert optimizer.state[param]["second_moment"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(8))]), "Use AdamW"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(()))]), "Use AdamW"),
@@ -338,10 +371,19 @@ def test_conv_kernel_is_trained_as_its_flattened_matrix():
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], eps=0.0), "eps must be > 0"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="adamw"), "adjust_lr_fn must be one of"),
     (lambda: normuon.NorMuon([dict(params=[nn.Parameter(torch.zeros(4, 4))], lr=float("nan"))]), "lr must be >= 0"),
+    (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(0, 4))]), "empty parameter"),
+    (lambda: normuon.update_scale((4, 4), "match_rms_adam", normalize=False), "adjust_lr_fn must be one of"),
 ])
 def test_bad_input_raises_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_rejected_param_group_is_not_kept():
+    optimizer = normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match="Use AdamW"):
+        optimizer.add_param_group(dict(params=[nn.Parameter(torch.zeros(4))]))
+    assert len(optimizer.param_groups) == 1
 
 
 def test_sparse_gradient_raises_a_clear_value_error():
