@@ -1,30 +1,30 @@
-"""The paper's training-efficiency claim at our scale: AdamW vs Muon vs NorMuon on one GPU (issue 5, section 3).
+"""The paper's training-efficiency claim at our scale: AdamW vs Muon vs NorMuon on one GPU.
 
     python bench/paper_claim.py run        # every run not yet in bench/results/paper_claim/ (resumable)
     python bench/paper_claim.py report     # the table (paper_claim.json, printed) and plots, from saved metrics
 
-Protocol, fixed before any result was seen (also in the README):
+Protocol, fixed before the first run and changed once, in its batch size only (see History; also in the README):
 - Model: train_gpt.py's "shakespeare-10m" preset (6 layers, 6 heads, width 384, context 256: 10.7M parameters),
-  byte tokens of the default Shakespeare corpus (9.46M training tokens, 3 held-out plays for validation).
-- 1000 steps of 64 x 256 = 16,384 tokens: 16.4M tokens, 1.73 passes over the training text (the brief's limit is
-  ~2). Linear warmup of 50 steps, then linear decay to 0 (the paper's schedule). bf16 autocast, no compile.
+  byte tokens of the default Shakespeare corpus (4.73M training tokens, 3 held-out plays for validation).
+- 1000 steps of 32 x 256 = 8,192 tokens: 8.2M tokens, 1.73 passes over the training text (no token is seen
+  more than twice). Linear warmup of 50 steps, then linear decay to 0 (the paper's schedule). bf16 autocast,
+  no compile.
 - The hidden matrices are trained by the optimizer under test, with weight decay 0.1; embeddings, output head
   and norms by AdamW at lr 4e-3, betas (0.9, 0.95), no weight decay, in every run. NorMuon and Muon use
   match_rms_adamw scaling (update RMS 0.2·lr), so one learning-rate grid serves all three.
-- Learning-rate sweep of the hidden matrices: 2e-3, 4e-3, 8e-3, 1.6e-2 for each optimizer, seed 1337.
-  (Amended below: 5e-4 and 1e-3 added.)
+- Learning-rate sweep of the hidden matrices: 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2 for each optimizer, seed 1337.
   The best (lowest final validation loss) of each optimizer is then rerun with seeds 1338 and 1339.
-- Validation loss every 25 steps on the same 10 batches (10 x 64 x 256 = 164k tokens) of held-out text.
+- Validation loss every 25 steps on the same 20 batches (20 x 32 x 256 = 164k tokens) of held-out text.
 - Metric (the paper's): the first evaluated step at which an optimizer's validation loss, averaged over its
   3 seeds, is at or below AdamW's final validation loss (its best lr, averaged over its 3 seeds); also the same
   against Muon's. "x% fewer steps" = 1 - that step / 1000, since the reference itself gets there only at the
   end. Also reported per seed.
-- Amendment after the first sweep: AdamW's best lr was the grid's lowest (2e-3), so the grid was extended
-  down by 1e-3 and 5e-4 for every optimizer before the extra seeds of the new best were run.
+- History: a first run of this protocol (bench/results/paper_claim_v1*) used 64 sequences per step, which is
+  3.5 passes over the text (the corpus size had been taken in bytes of the token file, twice the token count);
+  it is kept for reference. Its grid first lacked 5e-4 and 1e-3, added when AdamW's best was at the grid's edge.
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -37,8 +37,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OPTIMIZERS = ("adamw", "muon", "normuon")
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
 SWEEP_SEED, EXTRA_SEEDS = 1337, (1338, 1339)
-PROTOCOL = dict(preset="shakespeare-10m", max_steps=1000, batch_size=64, warmup_steps=50, adamw_lr=4e-3,
-                weight_decay=0.1, eval_interval=25, eval_batches=10, log_interval=25, checkpoint_interval=1000,
+PROTOCOL = dict(preset="shakespeare-10m", max_steps=1000, batch_size=32, warmup_steps=50, adamw_lr=4e-3,
+                weight_decay=0.1, eval_interval=25, eval_batches=20, log_interval=25, checkpoint_interval=1000,
                 sample_tokens=0)
 
 
