@@ -1,4 +1,4 @@
-"""Time NorMuon's step on FSDP2-sharded matrices, and check it against the single-GPU result (issue 5 §2).
+"""Time NorMuon's step on FSDP2-sharded matrices, and check it against the single-GPU result.
 
     torchrun --nproc_per_node 1 bench/fsdp_step.py   # baseline: plain tensors on one GPU
     torchrun --nproc_per_node 2 bench/fsdp_step.py   # fully_shard over 2 GPUs
@@ -6,7 +6,7 @@
 
 Writes bench/results/fsdp_step_<device>_<N>.json. With N ≥ 2 every rank also keeps an unsharded copy
 that it steps with the same gradients, and reports the largest relative difference of any
-parameter after the timed steps (the issue asks for 20).
+parameter after the timed steps.
 """
 
 import argparse

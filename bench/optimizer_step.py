@@ -1,4 +1,4 @@
-"""Time one optimizer step on the hidden matrices of three GPT sizes, on one GPU (issue 5, sections 1 and 4).
+"""Time one optimizer step on the hidden matrices of three GPT sizes, on one GPU.
 
     python bench/optimizer_step.py                 # writes bench/results/optimizer_step.json
 

@@ -1,4 +1,4 @@
-"""Training throughput, MFU and peak memory of train_gpt.py on GPUs (issue 3's figures; issue 5 §2 and §4).
+"""Training throughput, MFU and peak memory of train_gpt.py on GPUs.
 
     python bench/train_throughput.py                                  # one GPU: AdamW, Muon, NorMuon
     python bench/train_throughput.py --gpus 1 2 --optimizers normuon  # 1 vs 2 GPUs (FSDP2), same GPU kind
