@@ -26,6 +26,8 @@ Protocol, fixed before the first run and changed once, in its batch size only (s
 
 import argparse
 import json
+import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -58,7 +60,9 @@ def load_metrics(runs_dir: Path, name: str):
 
 
 def final_val_loss(records) -> float:
-    return float("inf") if isinstance(records, dict) else records[-1]["val_loss"]
+    """inf for a diverged run: stopped by a non-finite training loss, or ending with a non-finite val loss."""
+    loss = float("inf") if isinstance(records, dict) else records[-1]["val_loss"]
+    return loss if math.isfinite(loss) else float("inf")
 
 
 def best_learning_rates(runs_dir: Path) -> dict:
@@ -79,9 +83,11 @@ def run_one(runs_dir: Path, optimizer: str, lr: float, seed: int) -> None:
                                    out_dir=str(runs_dir))
     try:
         train_gpt.train(config)
-    except train_gpt.UserError as error:  # a diverged run is a result: this lr is too high
+    except train_gpt.UserError as error:
+        if "training loss is" not in str(error):  # only a diverged run is a result (this lr is too high)
+            raise
         (runs_dir / name / "diverged.json").write_text(json.dumps(dict(diverged=str(error))))
-    train_gpt.shutil.rmtree(runs_dir / name / "checkpoints")  # 130 MB, not needed for the report
+    shutil.rmtree(runs_dir / name / "checkpoints")  # 130 MB, not needed for the report
 
 
 def run(runs_dir: Path) -> None:
