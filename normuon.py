@@ -1,86 +1,144 @@
 """NorMuon: neuron-wise normalized Muon (Li et al., arXiv:2510.05491), in one file that needs torch only.
 
 Muon orthogonalizes the momentum of each hidden weight matrix, so every update is well conditioned
-(its singular values are all close to 1). But the *rows* of that update, one per output neuron of an
-``nn.Linear`` weight of shape (out, in), come out with very unequal norms, so a few neurons take most
-of each step. NorMuon keeps an Adam-style second moment with one scalar per row, divides each row of
-the orthogonalized update by its root, and rescales the whole matrix to a fixed RMS (Algorithm 1):
+(its singular values are all close to 1). But the *rows* of that update, one per output neuron,
+come out with very unequal norms, so a few neurons take most of each step. NorMuon keeps an
+Adam-style second moment with one scalar per neuron, divides each neuron's row of the orthogonalized
+update by its root, and rescales the whole matrix to a fixed RMS. Algorithm 1, for an m×n matrix
+whose m rows are the output neurons:
 
-    M_t = β1 M_{t-1} + (1 - β1) G_t                  momentum
-    O_t = NS5(M_t)                                   Newton–Schulz orthogonalization
-    v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t)  per-neuron second moment, v_t ∈ R^m
-    Ô_t = O_t / (sqrt(v_t) + ε)                       row normalization
-    W_t = W_{t-1} - η λ W_{t-1} - η̂_t Ô_t,   η̂_t = 0.2 η sqrt(m n) / ||Ô_t||_F
+    line 2   M_t = β1 M_{t-1} + (1 - β1) G_t                  momentum_update
+    line 3   O_t = NS5(M_t)                                   newton_schulz
+    line 4   v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t)  update_second_moment (v_t ∈ R^m)
+    line 5   Ô_t = O_t / (sqrt(v_t) + ε)                       neuron_divisors
+    line 6   η̂_t = 0.2 η sqrt(m n) / ||Ô_t||_F                  update_scale
+    line 7   W_t = W_{t-1} - η λ W_{t-1} - η̂_t Ô_t            apply_update
 
-Layout of this file: pure functions first (``newton_schulz``, the stages of the update, and
-``normuon_update`` that chains them exactly as Algorithm 1 does), then the ``NorMuon`` optimizer,
-which runs the same stages on one device or on FSDP2-sharded (DTensor) parameters, and last
-``split_parameters``, which picks the matrices NorMuon should train and leaves the rest to AdamW.
+Each line is one pure function below, written for a stack of same-shape matrices (B, m, n); the
+``NorMuon`` optimizer calls exactly these, in this order, for each bucket of same-shape parameters.
+
+Which axis holds the neurons depends on how a model stores its weights (``LAYOUTS``): nn.Linear keeps
+(out, in), GPT-2's Conv1D (in, out), conv kernels (out, in, *kernel), MoE layers stack experts
+(E, out, in). ``as_matrices`` turns any of them into (B, neurons, inputs) views, and
+``split_parameters`` finds the layout of each weight of a model.
+
+Under FSDP2 every parameter is a DTensor sharded by dim 0, and ``NorMuon.step`` runs this plan:
+    1. momentum, locally on each rank's shard                                        (line 2)
+    2. ``assign_owners``: each matrix gets one owner rank, biggest matrices first, round-robin
+    3. all_to_all: every rank sends its bf16 shard of each matrix to the matrix's owner
+    4. each owner runs one batched Newton–Schulz on its full matrices                   (line 3)
+    5. all_to_all: owners send each rank its shard of the result, bf16
+    6. per-neuron statistics locally; one all-reduce of either the per-neuron sums (a shard that
+       splits every neuron: (in, out) weights) or the two norms per matrix (a shard of whole
+       neurons); nothing for whole experts                                             (lines 4-6)
+    7. the update, locally                                                              (line 7)
+So every matrix is orthogonalized once in the job, and the result equals the single-device one.
 """
 
 import math
+import warnings
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as in torch.optim.Muon
 ADJUST_LR_FNS = ("match_rms_adamw", "original")
 
+# -----------------------------------------------------------------------------
+# Layouts: which axis of a parameter holds the output neurons
+
+LAYOUTS = {
+    "out_in": "(out, in): nn.Linear; the default for 2-D parameters",
+    "in_out": "(in, out): transformers' Conv1D (GPT-2 family); the neurons are columns",
+    "conv": "(out, in, *kernel): nn.Conv1d/2d/3d kernels, trained as the (out, in·kernel) matrix",
+    "experts_out_in": "(E, out, in): E stacked expert matrices, each trained on its own",
+    "experts_in_out": "(E, in, out): E stacked expert matrices stored transposed",
+}
+TRANSPOSED = ("in_out", "experts_in_out")  # neurons on the last axis
+EXPERTS = ("experts_out_in", "experts_in_out")  # dim 0 counts matrices, not rows
+
+
+def as_matrices(stack: Tensor, layout: str) -> Tensor:
+    """A (B, neurons, inputs) view of a stack (K, *parameter shape) of parameters, or of their dim-0
+    shards: row i of each matrix is output neuron i. B = K, or K·E for stacked experts."""
+    if layout in EXPERTS:
+        stack = stack.flatten(0, 1)                          # (K·E, a, b)
+    elif layout == "conv":
+        stack = stack.flatten(2)                             # (K, out, in·kernel)
+    return stack.mT if layout in TRANSPOSED else stack
+
+
+def from_matrices(matrices: Tensor, layout: str, stack_shape) -> Tensor:
+    """The inverse of ``as_matrices``: back to a stack of shape ``stack_shape`` (K, *parameter shape)."""
+    return (matrices.mT if layout in TRANSPOSED else matrices).reshape(stack_shape)
+
 
 # -----------------------------------------------------------------------------
-# Pure functions: the math of Algorithm 1, on full matrices or stacks of them (..., m, n)
+# Algorithm 1, one pure function per line, on stacks of matrices
+
+
+def momentum_update(grads: list, momentum_buffers: list, momentum: float, nesterov: bool) -> Tensor:
+    """Line 2 for K same-shape tensors: M_t = β1 M_{t-1} + (1 - β1) G_t on each buffer, in place.
+    Returns the bf16 stack (K, *shape) that NS orthogonalizes: M_t (the paper's box) or, with
+    Nesterov (the released code), G_t + β1 (M_t - G_t)."""
+    updates = []
+    for grad, buffer in zip(grads, momentum_buffers):
+        buffer.lerp_(grad, 1 - momentum)
+        updates.append((grad.lerp(buffer, momentum) if nesterov else buffer).to(torch.bfloat16))
+    # Correctness: stack always copies, so nothing downstream can write into a bf16 buffer.
+    return torch.stack(updates)
 
 
 def newton_schulz(matrix: Tensor, steps: int = 5, coefficients=MUON_COEFFICIENTS, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalize each matrix of ``matrix`` (..., m, n); returns bf16, same shape.
 
-    The quintic iteration X <- a X + (b A + c A²) X with A = X Xᵀ maps every singular value s of X
-    through p(s) = a s + b s³ + c s⁵. Muon's coefficients make p very steep near 0, so five steps
-    lift even tiny singular values into a band around 1 (roughly 0.7 to 1.2), not to exactly 1:
-    the result is U S' Vᵀ, well conditioned but not exactly U Vᵀ.
+    The iteration X <- a X + (b A + c A²) X with A = X Xᵀ maps every singular value s of X through
+    p(s) = a s + b s³ + c s⁵. Muon's coefficients make p very steep near 0, so five steps lift even
+    tiny singular values into a band around 1 (roughly 0.7 to 1.2), not onto 1: the result is
+    U S' Vᵀ, well conditioned but not exactly U Vᵀ.
     """
     a, b, c = coefficients
     # Speed: bf16 matmuls; NS is stable in bf16 because the iteration is self-correcting.
-    # Correctness: `.to(bfloat16)` returns the input itself when it is already bf16 (a bf16
-    # momentum buffer), so nothing below may write into x in place.
     x = matrix.to(torch.bfloat16).reshape(-1, *matrix.shape[-2:])  # (batch, m, n): one bmm for all
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # speed: make A = X Xᵀ the small (min(m, n))² Gram matrix
         x = x.mT
     # The iteration converges only for singular values <= 1; the Frobenius norm bounds the
-    # spectral norm. The clamp keeps an all-zero matrix at zero instead of 0/0 = NaN.
+    # spectral norm. The clamp keeps an all-zero matrix at zero instead of 0/0 = NaN. Correctness:
+    # not in place, since `.to(bfloat16)` of a bf16 input is the input itself.
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.mT                                               # A = X Xᵀ
-        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A², one fused matmul
-        x = torch.baddbmm(x, polynomial, x, beta=a)                   # a X + (b A + c A²) X
+        gram = x @ x.mT                                                        # A = X Xᵀ
+        # b A + c A², one fused matmul. Correctness: with c = 0, bf16 baddbmm on CPUs with native
+        # bf16 returns A without the factor b, so that case is a plain product.
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if c != 0 else gram * b
+        x = torch.baddbmm(x, polynomial, x, beta=a)                            # a X + (b A + c A²) X
     if transposed:
         x = x.mT
     return x.reshape(matrix.shape)
 
 
-def momentum_update(grad: Tensor, momentum_buffer: Tensor, momentum: float, nesterov: bool) -> Tensor:
-    """Line 2: M_t = β1 M_{t-1} + (1 - β1) G_t, in place. Returns what NS will orthogonalize:
-    M_t itself (the paper's box) or, with Nesterov (the released code), G_t + β1 (M_t - G_t)."""
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+def neuron_square_sums(orthogonal: Tensor) -> Tensor:
+    """Σ_j O_ij², one number per row (neuron) of each matrix (B, m, n): (B, m), fp32. Speed: one
+    read of the bf16 O_t, accumulated in fp32, no fp32 copy of it."""
+    return torch.linalg.vector_norm(orthogonal, dim=-1, dtype=torch.float32).square()
 
 
-def update_second_moment(orthogonal: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
-    """Line 4: v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t), in place: one scalar per row
-    (neuron), ``second_moment`` has shape (..., m, 1). Returns mean_cols(O_t ⊙ O_t) too.
-    Everything here is per row, which is why a rank holding whole rows needs no communication."""
-    # Speed: one read of the bf16 O_t, accumulated in fp32, no fp32 copy of O_t.
-    mean_square = torch.linalg.vector_norm(orthogonal, dim=-1, keepdim=True, dtype=torch.float32).square() / orthogonal.size(-1)
-    second_moment.lerp_(mean_square.to(second_moment.dtype), 1 - beta2)
-    return mean_square
+def update_second_moment(second_moment: Tensor, mean_squares: Tensor, beta2: float) -> None:
+    """Line 4: v_t = β2 v_{t-1} + (1 - β2) mean_cols(O_t ⊙ O_t), in place; both (B, m), fp32."""
+    second_moment.lerp_(mean_squares, 1 - beta2)
+
+
+def neuron_divisors(second_moment: Tensor, eps: float) -> Tensor:
+    """Line 5: Ô_t = O_t / (sqrt(v_t) + ε), row by row; returns the divisors (B, m)."""
+    return second_moment.sqrt() + eps
 
 
 def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor = None):
-    """The factor that multiplies the learning rate for this matrix (line 6).
+    """Line 6: the factor η̂_t / η that multiplies the learning rate for an (m, n) matrix.
 
     With ``normalize=True`` (NorMuon), from ``square_norms`` (..., 2) = (||O_t||²_F, ||Ô_t||²_F):
       - "match_rms_adamw" (the paper's box): 0.2 sqrt(m n) / ||Ô_t||_F, so the update's RMS is
@@ -105,45 +163,50 @@ def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor
     return orthogonal_norm / normalized_norm * math.sqrt(max(1.0, rows / columns))
 
 
+def apply_update(weights: list, orthogonal: Tensor, neuron_factors: Tensor, layout: str, lr: float,
+                 weight_decay: float) -> None:
+    """Line 7, in place on K same-shape weights: W_t = (1 - η λ) W_{t-1} - η D, where D is O_t
+    (the stack (K, *shape), bf16) with row i of each matrix times ``neuron_factors`` (B, m) =
+    (η̂_t / η) / (sqrt(v_i) + ε), or (B, 1) = η̂_t / η for Muon. D is computed in fp32."""
+    direction = from_matrices(as_matrices(orthogonal, layout) * neuron_factors[..., None], layout, orthogonal.shape)
+    for weight, update in zip(weights, direction.unbind(0)):
+        weight.mul_(1 - lr * weight_decay).sub_(update.to(weight.dtype), alpha=lr)
+
+
 def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor, *, momentum: float = 0.95,
-                   beta2: float = 0.95, nesterov: bool = False, ns_steps: int = 5, eps: float = 1e-10,
-                   adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True) -> Tensor:
-    """Algorithm 1 on matrices ``grad`` (..., m, n): updates ``momentum_buffer`` (same shape) and
-    ``second_moment`` (..., m, 1) in place and returns the step direction D = (η̂_t / η) Ô_t (fp32),
-    so that W_t = W_{t-1} - η λ W_{t-1} - η D. With "match_rms_adamw", RMS(D) = 0.2 exactly."""
-    update = momentum_update(grad, momentum_buffer, momentum, nesterov)  # line 2: M_t
-    return normuon_direction(update, second_moment, beta2=beta2, ns_steps=ns_steps, eps=eps,  # lines 3-6
-                             adjust_lr_fn=adjust_lr_fn, normalize=normalize)
+                   beta2: float = 0.95, nesterov: bool = False, ns_steps: int = 5, ns_coefficients=MUON_COEFFICIENTS,
+                   eps: float = 1e-10, adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True) -> Tensor:
+    """Lines 2-6 for one (m, n) matrix or a stack (..., m, n) whose rows are neurons, on one device:
+    updates ``momentum_buffer`` (contiguous, shape of ``grad``) and ``second_moment`` (..., m) in
+    place; returns D = (η̂_t / η) Ô_t in fp32, so that W_t = W_{t-1} - η λ W_{t-1} - η D.
+    ``NorMuon.step`` calls the same functions, with FSDP2's communication between them."""
+    shape = grad.shape[-2:]
+    grads, buffers = grad.reshape(-1, *shape).unbind(0), momentum_buffer.view(-1, *shape).unbind(0)
+    orthogonal = newton_schulz(momentum_update(grads, buffers, momentum, nesterov), ns_steps, ns_coefficients)
+    if not normalize:
+        factors = torch.full((orthogonal.size(0), 1), update_scale(shape, adjust_lr_fn, normalize=False))
+    else:
+        square_sums = neuron_square_sums(orthogonal)                          # (B, m)
+        moment = second_moment.view(-1, shape[0])
+        update_second_moment(moment, square_sums / shape[1], beta2)            # line 4
+        divisors = neuron_divisors(moment, eps)                               # line 5
+        square_norms = torch.stack([square_sums.sum(-1), (square_sums / divisors.square()).sum(-1)], -1)
+        factors = update_scale(shape, adjust_lr_fn, True, square_norms)[:, None] / divisors  # line 6
+    return (orthogonal * factors[..., None].to(orthogonal.device)).reshape(grad.shape)
 
 
-def normuon_direction(update: Tensor, second_moment: Tensor, *, beta2: float, ns_steps: int, eps: float,
-                      adjust_lr_fn: str, normalize: bool, orthogonalize=newton_schulz, add_across_ranks=None,
-                      shape=None) -> Tensor:
-    """Lines 3-6 of Algorithm 1, from the momentum M_t (``update``) to the direction D.
-
-    Only two lines need more than the rows at hand, and they are the two hooks a row-sharded caller
-    (the optimizer under FSDP2) replaces: ``orthogonalize`` (NS needs the whole matrix) and
-    ``add_across_ranks`` (the Frobenius norms need every row; it sums a tensor across ranks in
-    place). ``shape`` is then the full (m, n). On one device, leave all three at their defaults.
-    """
-    shape = update.shape[-2:] if shape is None else shape
-    orthogonal = orthogonalize(update, ns_steps)                           # line 3: O_t = NS5(M_t)
-    if not normalize:                                                      # plain Muon: D = scale · O_t
-        return orthogonal.float().mul_(update_scale(shape, adjust_lr_fn, normalize=False))  # fp32, as torch.optim.Muon
-    mean_square = update_second_moment(orthogonal, second_moment, beta2)  # line 4: v_t
-    row_divisor = second_moment.float().sqrt() + eps                       # line 5: Ô_t = O_t / row_divisor
-    # ||O_t||² and ||Ô_t||² from per-row numbers alone (row i of Ô_t is O_t,i / row_divisor_i), so
-    # they cost no pass over the matrix and, sharded, an all-reduce of 2 numbers per matrix.
-    row_square_norms = torch.cat([mean_square, mean_square / row_divisor.square()], dim=-1) * shape[-1]
-    square_norms = row_square_norms.sum(dim=-2)                            # (..., 2)
-    if add_across_ranks is not None:
-        add_across_ranks(square_norms)
-    scale = update_scale(shape, adjust_lr_fn, normalize=True, square_norms=square_norms)  # line 6: η̂_t / η
-    return orthogonal * (scale[..., None, None] / row_divisor)             # (η̂_t / η) Ô_t, one pass over O_t
+def assign_owners(sizes: list, world_size: int) -> list:
+    """Which rank orthogonalizes each matrix under FSDP2: ``sizes`` are the matrices' element counts
+    (in the same order on every rank); biggest first, round-robin, so the NS work is balanced."""
+    order = sorted(range(len(sizes)), key=lambda k: -sizes[k])  # stable: equal sizes keep their order
+    owners = [0] * len(sizes)
+    for position, k in enumerate(order):
+        owners[k] = position % world_size
+    return owners
 
 
 # -----------------------------------------------------------------------------
-# The optimizer: one device, or FSDP2 (DTensor parameters sharded by rows)
+# The optimizer: one device, or FSDP2 (DTensor parameters sharded on dim 0)
 
 
 class NorMuon(torch.optim.Optimizer):
@@ -153,24 +216,37 @@ class NorMuon(torch.optim.Optimizer):
       - the paper's Algorithm 1 (the defaults): ``adjust_lr_fn="match_rms_adamw", nesterov=False``,
         an AdamW-scale learning rate (the update's RMS is 0.2·lr, so AdamW's lr and schedule carry over);
       - the authors' released code: ``adjust_lr_fn="original", nesterov=True, lr=0.02`` (Muon-scale);
-      - plain Muon, identical to ``torch.optim.Muon`` with the same settings: ``normalize=False``.
+      - plain Muon, identical to ``torch.optim.Muon`` given the same settings: ``normalize=False``.
 
-    Arguments follow ``torch.optim.Muon``: ``momentum`` is β1, ``beta2`` the decay of the
-    per-neuron second moment, ``eps`` is added to its square root, ``weight_decay`` is decoupled
-    (W <- W - lr·weight_decay·W). Parameters must be ≥2-D; a conv kernel (out, in, kh, kw) is
-    treated as the (out, in·kh·kw) matrix. Each parameter's state is ``momentum_buffer`` (shape and
-    dtype of the parameter, as in torch) and ``second_moment`` (one fp32 number per row: shape (out, 1)).
+    ``momentum`` is β1, ``beta2`` the decay of the per-neuron second moment, ``eps`` is added to its
+    square root, ``weight_decay`` is decoupled (W <- W - lr·weight_decay·W). ``ns_steps``,
+    ``ns_coefficients`` and ``lr`` mean what they mean in ``torch.optim.Muon``; what differs from it:
+    ``eps`` is NorMuon's ε (torch's ``eps`` guards NS's normalization; here that is fixed at 1e-7);
+    the defaults follow the paper, not torch: ``nesterov=False`` (torch: True), ``weight_decay=0``
+    (torch: 0.1), ``adjust_lr_fn="match_rms_adamw"`` (torch: "original").
+
+    Each param group may set ``layout`` (see ``LAYOUTS``): which axis of its parameters holds the
+    output neurons. 2-D parameters default to "out_in" (nn.Linear); a ≥3-D parameter must say whether
+    it is a conv kernel or stacked experts. ``split_parameters(model)`` fills this in. State per
+    parameter: ``momentum_buffer`` (like the parameter) and ``second_moment`` (one fp32 number per
+    output neuron: shape (out,), or (E, out) for experts).
 
     Distributed: parameters that are DTensors sharded on dim 0 over a 1-D mesh (what FSDP2's
-    ``fully_shard`` makes) are handled without any extra argument. Every matrix is orthogonalized
-    once in the whole job, by one owner rank, and the result equals the single-device one.
+    ``fully_shard`` makes) need no extra argument: see the module docstring for the plan.
+    ``compile`` (default: on CUDA) runs the element-wise stages under ``torch.compile``.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, beta2: float = 0.95,
-                 weight_decay: float = 0.0, nesterov: bool = False, ns_steps: int = 5, eps: float = 1e-10,
-                 adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True):
+                 weight_decay: float = 0.0, nesterov: bool = False, ns_steps: int = 5,
+                 ns_coefficients=MUON_COEFFICIENTS, eps: float = 1e-10, adjust_lr_fn: str = "match_rms_adamw",
+                 normalize: bool = True, compile: bool = None):
+        if params is None:
+            raise ValueError("NorMuon got params=None; pass model parameters or param groups "
+                             "(normuon.split_parameters(model) makes them).")
         defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay, nesterov=nesterov,
-                        ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn, normalize=normalize)
+                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), eps=eps,
+                        adjust_lr_fn=adjust_lr_fn, normalize=normalize, layout="out_in")
+        self.compile = compile
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -178,15 +254,23 @@ class NorMuon(torch.optim.Optimizer):
         try:
             _check_hyperparameters(self.param_groups[-1])
             for param in self.param_groups[-1]["params"]:
-                _check_parameter(param)
+                _check_parameter(param, self.param_groups[-1]["layout"])
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay behind
             raise
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # Correctness: torch casts loaded state to each parameter's dtype; v stays fp32 (only m numbers,
+        # and v ~ 1/max(m, n) loses precision in fp16). Keep the saved fp32 values and put them back.
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        saved = {param: state_dict["state"].get(index) for index, param in zip(saved_ids, params)}
+        second_moments = {param: entry["second_moment"] for param, entry in saved.items()
+                          if isinstance(entry, dict) and "second_moment" in entry}
         super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch casts state to the parameter's dtype; v stays fp32
-            state["second_moment"] = state["second_moment"].float()
+        for param, second_moment in second_moments.items():
+            self.state[param]["second_moment"] = second_moment.to(device=self.state[param]["second_moment"].device,
+                                                                  dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -194,109 +278,130 @@ class NorMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        next_owner = 0  # NS work of sharded matrices goes round-robin over ranks, biggest matrices first
-        for group in self.param_groups:
-            for params in _same_shape_buckets(group["params"]):
-                next_owner = self._step_bucket(group, params, next_owner)
+        buckets = [(group, params) for group in self.param_groups for params in _same_shape_buckets(group)]
+        sharded = [(group, params) for group, params in buckets if isinstance(params[0], DTensor)]
+        owners = {}
+        if sharded:  # who orthogonalizes which matrix: decided once per step, the same on every rank
+            world_size = sharded[0][1][0].device_mesh.size()
+            matrices = [param for _, params in sharded for param in params]
+            owners = dict(zip(map(id, matrices), assign_owners([p.numel() for p in matrices], world_size)))
+        for group, params in buckets:
+            self._step_bucket(group, params, [owners.get(id(p)) for p in params])
         return loss
 
-    def _step_bucket(self, group: dict, params: list, next_owner: int) -> int:
-        """One step for matrices of one shape. Speed: all of them go through each stage together
-        (one batched NS, a handful of kernels) instead of one Python loop iteration each."""
+    def _step_bucket(self, group: dict, params: list, owners: list) -> None:
+        """Algorithm 1 for K parameters of one shape, all at once (speed: one batched NS and a few fused
+        kernels per bucket, not a Python loop per matrix)."""
+        layout, sharded = group["layout"], isinstance(params[0], DTensor)
+        local = (lambda tensor: tensor.to_local()) if sharded else (lambda tensor: tensor)  # speed: no DTensor ops
         for param in params:
             if param.grad.is_sparse:
                 raise ValueError("NorMuon does not support sparse gradients; use torch.optim.SparseAdam "
                                  "or a dense gradient for this parameter.")
             state = self.state[param]
-            if not state:  # same keys on every rank, even one holding no rows (distributed checkpoints)
-                # contiguous even for a channels_last parameter, so the row view below is a view
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                state["second_moment"] = _zeros_per_row(param)
-        # Work on plain local tensors, rows flattened: (rows here, n). Speed: DTensor ops are slow.
-        # A view, except for a non-contiguous (e.g. channels_last) tensor: then a copy (see the end).
-        as_rows = lambda tensor: _local(tensor).flatten(1)
-        grads = [as_rows(p.grad) for p in params]
-        momentum_buffers = [as_rows(self.state[p]["momentum_buffer"]) for p in params]
-        second_moments = [as_rows(self.state[p]["second_moment"]) for p in params]
+            if not state:  # the same keys on every rank, even one holding no rows (distributed checkpoints)
+                state["momentum_buffer"] = torch.zeros_like(param)
+                state["second_moment"] = _zeros_per_neuron(param, layout)
+        weights = [local(p) for p in params]
+        rows, columns = as_matrices(torch.empty((1, *params[0].shape), device="meta"), layout).shape[-2:]  # full (m, n)
+        compiled = _compiled if (self.compile if self.compile is not None else weights[0].is_cuda) else (lambda f: f)
 
-        # Line 2, momentum_update() on each parameter's own buffer. Speed: one fused kernel, no stacked
-        # copy of the momentum; then a single copy stacks the matrices as NS's bf16 input.
-        torch._foreach_lerp_(momentum_buffers, grads, 1 - group["momentum"])
-        updates = torch._foreach_lerp(grads, momentum_buffers, group["momentum"]) if group["nesterov"] else momentum_buffers
-        update = grads[0].new_empty((len(params), *grads[0].shape), dtype=torch.bfloat16)  # (K, rows, n)
-        torch._foreach_copy_(list(update.unbind(0)), updates)
-        second_moment = torch.stack(second_moments)  # (K, rows, 1)
+        # 1. Momentum, locally (line 2).
+        update = compiled(momentum_update)([local(p.grad) for p in params],
+                                           [local(self.state[p]["momentum_buffer"]) for p in params],
+                                           group["momentum"], group["nesterov"])           # (K, rows here, ...) bf16
+        # 2-5. Newton–Schulz (line 3): on one device here; sharded, once in the job, by each matrix's owner.
+        ns_arguments = (group["ns_steps"], group["ns_coefficients"])
+        if sharded:
+            orthogonal = _orthogonalize_on_owners(update, params[0].shape, layout, owners,
+                                                  params[0].device_mesh.get_group(), ns_arguments)
+        else:
+            orthogonal = from_matrices(newton_schulz(as_matrices(update, layout), *ns_arguments), layout, update.shape)
 
-        shape = (params[0].shape[0], math.prod(params[0].shape[1:]))  # the full matrix (m, n)
-        hooks = {}
-        if isinstance(params[0], DTensor):
-            process_group = params[0].device_mesh.get_group()
-            world_size = dist.get_world_size(process_group)
-            owners = [(next_owner + k) % world_size for k in range(len(params))]
-            next_owner = (next_owner + len(params)) % world_size
-            hooks = dict(orthogonalize=lambda update, steps: _orthogonalize_sharded(
-                update, shape[0], owners, process_group, steps),
-                add_across_ranks=lambda sums: dist.all_reduce(sums, group=process_group))
-        direction = normuon_direction(  # lines 3-6
-            update, second_moment, beta2=group["beta2"], ns_steps=group["ns_steps"], eps=group["eps"],
-            adjust_lr_fn=group["adjust_lr_fn"], normalize=group["normalize"], shape=shape, **hooks)
+        # 6. Per-neuron statistics and the matrix scale (lines 4-6).
+        if not group["normalize"]:  # plain Muon: one scale per matrix
+            factors = torch.full((as_matrices(orthogonal, layout).size(0), 1),
+                                 update_scale((rows, columns), group["adjust_lr_fn"], normalize=False),
+                                 device=orthogonal.device)
+        else:
+            square_sums = neuron_square_sums(as_matrices(orthogonal, layout))  # (B, neurons here)
+            if sharded and layout == "in_out":  # each rank holds a slice of every neuron's inputs
+                dist.all_reduce(square_sums, group=params[0].device_mesh.get_group())
+            moments = [local(self.state[p]["second_moment"]) for p in params]
+            second_moment = torch.stack(moments).view_as(square_sums)
+            update_second_moment(second_moment, square_sums / columns, group["beta2"])    # line 4
+            divisors = neuron_divisors(second_moment, group["eps"])                      # line 5
+            square_norms = torch.stack([square_sums.sum(-1), (square_sums / divisors.square()).sum(-1)], -1)
+            if sharded and layout in ("out_in", "conv"):  # each rank holds some neurons of every matrix
+                dist.all_reduce(square_norms, group=params[0].device_mesh.get_group())
+            scale = update_scale((rows, columns), group["adjust_lr_fn"], True, square_norms)  # line 6
+            factors = scale[:, None] / divisors
+            torch._foreach_copy_(moments, list(second_moment.view(len(params), *moments[0].shape).unbind(0)))
 
-        torch._foreach_copy_(second_moments, list(second_moment.unbind(0)))
-        weights = [as_rows(p) for p in params]
-        lr, weight_decay = float(group["lr"]), group["weight_decay"]
-        if weight_decay != 0:
-            torch._foreach_mul_(weights, 1 - lr * weight_decay)
-        torch._foreach_add_(weights, list(direction.to(weights[0].dtype).unbind(0)), alpha=-lr)
-        for param, weight in zip(params, weights):  # correctness: a copied (non-contiguous) parameter gets its update
-            if weight.data_ptr() != _local(param).data_ptr():
-                _local(param).copy_(weight.view(_local(param).shape))
-        return next_owner
+        # 7. The update, locally (line 7).
+        compiled(apply_update)(weights, orthogonal, factors, layout, float(group["lr"]), group["weight_decay"])
 
 
-def _orthogonalize_sharded(update: Tensor, rows: int, owners: list, process_group, steps: int) -> Tensor:
-    """NS of K row-sharded matrices, each run once in the job, by its owner rank.
+def _orthogonalize_on_owners(update: Tensor, shape, layout: str, owners: list, process_group, ns_arguments) -> Tensor:
+    """Steps 3-5 of the FSDP2 plan for K dim-0-sharded tensors of full ``shape``.
 
-    ``update`` (K, local_rows, n) is this rank's rows of K matrices of full shape (rows, n), and
-    ``owners[k]`` the rank that orthogonalizes matrix k. FSDP2 gives rank r the rows
-    [r·chunk, (r+1)·chunk) with chunk = ceil(rows / world_size), fewer (even none) at the end; every
-    shard is padded to ``chunk`` rows so that all pieces have one size. Returns this rank's rows of
-    the K orthogonalized matrices, bf16 (K, local_rows, n).
+    ``update`` (K, local rows, ...) is this rank's shard of each; ``owners[k]`` orthogonalizes tensor
+    k. FSDP2 gives rank r rows [r·chunk, (r+1)·chunk) of dim 0, chunk = ceil(rows / world size), fewer
+    (even none) at the end; shards are padded to ``chunk`` rows so all pieces have one size.
+    Returns this rank's shard of the K orthogonalized tensors, bf16, shaped like ``update``.
     """
     world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    count, local_rows, columns = update.shape
-    chunk = -(-rows // world_size)
-    by_owner = sorted(range(count), key=lambda k: owners[k])  # send order: matrices grouped by owner
-    matrices_per_rank = [owners.count(r) for r in range(world_size)]
-    mine = matrices_per_rank[rank]
+    count, local_rows = update.shape[:2]
+    update = update.flatten(2) if update.ndim > 2 else update[..., None]  # (K, local rows, columns)
+    rows, columns, chunk = shape[0], update.size(2), -(-shape[0] // world_size)
+    by_owner = sorted(range(count), key=lambda k: owners[k])  # send order: tensors grouped by owner
+    per_rank = [owners.count(r) for r in range(world_size)]
+    mine = per_rank[rank]
 
-    # 1. Gather: every rank sends its rows of matrix k to owners[k], in bf16 (2 bytes per element).
-    send = update.new_zeros(count, chunk, columns, dtype=torch.bfloat16)
+    # 3. Gather: every rank sends its shard of tensor k to owners[k], in bf16 (2 bytes per element).
+    send = update.new_zeros(count, chunk, columns)
     send[:, :local_rows] = update[by_owner]
-    received = send.new_empty(world_size * mine, chunk, columns)  # (source rank, my matrix, chunk, n)
-    dist.all_to_all_single(received, send, [mine] * world_size, matrices_per_rank, group=process_group)
+    received = send.new_empty(world_size * mine, chunk, columns)  # (source rank, my tensor, chunk, columns)
+    dist.all_to_all_single(received, send, [mine] * world_size, per_rank, group=process_group)
 
-    # 2. The owner stacks the shards of each of its matrices in rank order and orthogonalizes them all
-    #    in one batched NS. (mine may be 0: this rank then only sends and receives.)
+    # 4. The owner puts the shards of each of its tensors together in rank order and orthogonalizes
+    #    them all in one batched NS (mine may be 0: this rank then only sends and receives).
     full = received.view(world_size, mine, chunk, columns).transpose(0, 1).reshape(mine, world_size * chunk, columns)
+    stack_shape = (mine, *shape)
     orthogonal = torch.zeros_like(full)
-    orthogonal[:, :rows] = newton_schulz(full[:, :rows], steps)
+    orthogonal[:, :rows] = from_matrices(newton_schulz(as_matrices(full[:, :rows].reshape(stack_shape), layout),
+                                                       *ns_arguments), layout, stack_shape).reshape(mine, rows, columns)
 
-    # 3. Scatter: the owner sends each rank its rows of the result, in bf16; undo the owner order.
+    # 5. Scatter: the owner sends each rank its shard of the result, in bf16; undo the owner order.
     send_back = orthogonal.view(mine, world_size, chunk, columns).transpose(0, 1).reshape(world_size * mine, chunk, columns)
     returned = send.new_empty(count, chunk, columns)
-    dist.all_to_all_single(returned, send_back, matrices_per_rank, [mine] * world_size, group=process_group)
+    dist.all_to_all_single(returned, send_back, per_rank, [mine] * world_size, group=process_group)
     result = torch.empty_like(returned)
     result[by_owner] = returned
-    return result[:, :local_rows]
+    return result[:, :local_rows].reshape(count, local_rows, *shape[1:])
 
 
 # -----------------------------------------------------------------------------
-# Helpers: checks, buckets, DTensor plumbing, and the NorMuon / AdamW parameter split
+# Helpers: checks, buckets, state, compilation
+
+
+_COMPILED = {}
+
+
+def _compiled(function):
+    """Speed: ``function`` under torch.compile (its element-wise work fused into a few kernels that
+    read and write each tensor once). The same function runs eagerly where compilation is off."""
+    if function not in _COMPILED:
+        _COMPILED[function] = torch.compile(function, fullgraph=True)
+    return _COMPILED[function]
 
 
 def _check_hyperparameters(group: dict) -> None:
-    if not group["lr"] >= 0:
-        raise ValueError(f"NorMuon: lr must be >= 0, got {group['lr']}.")
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"NorMuon: a Tensor lr must have one element, got shape {tuple(lr.shape)}.")
+    if not lr >= 0:
+        raise ValueError(f"NorMuon: lr must be >= 0, got {lr}.")
     for name in ("momentum", "beta2"):
         if not 0 <= group[name] < 1:
             raise ValueError(f"NorMuon: {name} must be in [0, 1), got {group[name]}.")
@@ -306,17 +411,28 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"NorMuon: eps must be > 0 (it keeps an all-zero row at zero), got {group['eps']}.")
     if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
         raise ValueError(f"NorMuon: ns_steps must be an integer >= 1, got {group['ns_steps']}.")
+    if len(group["ns_coefficients"]) != 3:
+        raise ValueError(f"NorMuon: ns_coefficients must be three numbers (a, b, c), got {group['ns_coefficients']}.")
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(f"NorMuon: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}.")
+    if group["layout"] not in LAYOUTS:
+        raise ValueError(f"NorMuon: layout must be one of {tuple(LAYOUTS)}, got {group['layout']!r}.")
 
 
-def _check_parameter(param: Tensor) -> None:
+def _check_parameter(param: Tensor, layout: str) -> None:
+    shape = tuple(param.shape)
     if param.ndim < 2:
-        raise ValueError(f"NorMuon got a parameter of shape {tuple(param.shape)}: it trains weight matrices "
+        raise ValueError(f"NorMuon got a parameter of shape {shape}: it trains weight matrices "
                          "(>= 2-D) only. Use AdamW for embeddings, the output head, norms, biases and scalars "
                          "(normuon.split_parameters(model) makes the two lists).")
+    dimensions = {"out_in": (2,), "in_out": (2,), "conv": (3, 4, 5), "experts_out_in": (3,), "experts_in_out": (3,)}
+    if param.ndim not in dimensions[layout]:
+        hint = (" Say what it is: layout='conv' for a conv kernel (out, in, *kernel), 'experts_out_in' or "
+                "'experts_in_out' for stacked experts (E, out, in) or (E, in, out);" if param.ndim >= 3 else "")
+        raise ValueError(f"NorMuon got a {param.ndim}-D parameter of shape {shape} in a group with layout "
+                         f"{layout!r} ({LAYOUTS[layout]}).{hint} normuon.split_parameters(model) sets the layout.")
     if param.numel() == 0:
-        raise ValueError(f"NorMuon got an empty parameter of shape {tuple(param.shape)}; leave it out.")
+        raise ValueError(f"NorMuon got an empty parameter of shape {shape}; leave it out.")
     if param.is_complex():
         raise ValueError("NorMuon does not support complex parameters; pass real matrices only.")
     if isinstance(param, DTensor):
@@ -330,46 +446,94 @@ def _check_parameter(param: Tensor) -> None:
                              f"local shard has {param.to_local().shape[0]} of {param.shape[0]} rows on rank {rank}.")
 
 
-def _same_shape_buckets(params: list) -> list:
-    """Parameters with a gradient, grouped by (shape, dtype, device, sharding), biggest first.
+def _same_shape_buckets(group: dict) -> list:
+    """A group's parameters with a gradient, grouped by (shape, dtype, device, mesh), biggest first.
     Every rank computes the same buckets in the same order: the collectives depend on it."""
     buckets = defaultdict(list)
-    for param in params:
+    for param in group["params"]:
         if param.grad is not None:
             mesh = param.device_mesh if isinstance(param, DTensor) else None
             buckets[(param.shape, param.dtype, param.device, mesh)].append(param)
     return sorted(buckets.values(), key=lambda bucket: -bucket[0].numel())
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's rows of a DTensor (a view: in-place changes reach the parameter), or the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+def _zeros_per_neuron(param: Tensor, layout: str) -> Tensor:
+    """The second moment's zeros, fp32 whatever the parameter's dtype: (out,), or (E, out) for experts.
+    Sharded like the parameter's dim 0, except for an (in, out) weight, whose every shard has a slice
+    of every neuron: there each rank keeps all of v (replicated, and updated identically)."""
+    neuron_shape = {"out_in": param.shape[:1], "conv": param.shape[:1], "in_out": param.shape[1:],
+                    "experts_out_in": param.shape[:2], "experts_in_out": param.shape[::2]}[layout]
+    if not isinstance(param, DTensor):
+        return torch.zeros(neuron_shape, dtype=torch.float32, device=param.device)
+    local = param.to_local()
+    if layout == "in_out":
+        return DTensor.from_local(torch.zeros(neuron_shape, dtype=torch.float32, device=local.device),
+                                  param.device_mesh, [Replicate()], run_check=False)
+    local_shape = (local.shape[0], *neuron_shape[1:])
+    return DTensor.from_local(torch.zeros(local_shape, dtype=torch.float32, device=local.device), param.device_mesh,
+                              [Shard(0)], run_check=False, shape=neuron_shape,
+                              stride=torch.empty(neuron_shape, device="meta").stride())
 
 
-def _zeros_per_row(param: Tensor) -> Tensor:
-    """A (rows, 1) fp32 zero tensor laid out like ``param``'s rows: a DTensor sharded the same way."""
-    # fp32 whatever the parameter's dtype: only m numbers, and v ~ 1 / max(m, n) underflows fp16.
-    local = torch.zeros(_local(param).shape[0], 1, dtype=torch.float32, device=_local(param).device)
-    if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=torch.Size((param.shape[0], 1)), stride=(1, 1))
-    return local
+# -----------------------------------------------------------------------------
+# Which parameters NorMuon trains, and their layouts
 
 
-def split_parameters(model: torch.nn.Module, exclude=()) -> tuple:
-    """Split ``model``'s trainable parameters into (NorMuon parameters, AdamW parameters).
+def parameter_layout(module: torch.nn.Module, name: str, param: Tensor):
+    """The layout of ``module``'s parameter ``name`` if it is a hidden weight of a kind this file
+    knows, else None. Recognized without importing their libraries: nn.Linear, nn.ConvNd,
+    nn.MultiheadAttention's input projections, transformers' Conv1D (attributes nx, nf) and stacked
+    experts (a module with ``num_experts`` and ``is_transposed``)."""
+    if isinstance(module, torch.nn.Linear) and name == "weight":
+        return "out_in"
+    if isinstance(module, torch.nn.modules.conv._ConvNd) and name == "weight" and not module.transposed:
+        return "conv"
+    if isinstance(module, torch.nn.MultiheadAttention) and name.endswith("proj_weight"):
+        return "out_in"
+    if hasattr(module, "nx") and hasattr(module, "nf") and name == "weight" and param.shape == (module.nx, module.nf):
+        return "in_out"
+    if param.ndim == 3 and param.shape[0] == getattr(module, "num_experts", None):
+        if not hasattr(module, "is_transposed"):
+            raise ValueError(f"split_parameters: {type(module).__name__}.{name} {tuple(param.shape)} looks like stacked "
+                             "experts but its module does not say whether they are (E, out, in) or (E, in, out); pass "
+                             "layouts={'<parameter name>': 'experts_out_in'} (or 'experts_in_out').")
+        return "experts_in_out" if module.is_transposed else "experts_out_in"
+    return None
 
-    NorMuon gets the hidden weight matrices: every ≥2-D parameter, except those of ``nn.Embedding``
-    modules and of the modules in ``exclude`` (pass the output head, e.g. ``exclude=[model.lm_head]``:
-    its rows are vocabulary entries, not neurons of a hidden layer). AdamW gets all the rest:
-    embeddings, the output head, norms, biases and scalars.
+
+def split_parameters(model: torch.nn.Module, exclude=(), layouts: dict = None) -> tuple:
+    """Split ``model``'s trainable parameters into (NorMuon param groups, AdamW parameters).
+
+    NorMuon gets the hidden weights of the kinds ``parameter_layout`` recognizes, one param group per
+    layout ({"params": [...], "layout": ...}: pass the list to NorMuon as is). AdamW gets the rest:
+    embeddings, the output head (``model.get_output_embeddings()`` where the model has it, and the
+    modules in ``exclude``: its rows are vocabulary entries, not neurons), norms, biases, vector-like
+    parameters (such as a class token (1, 1, C)), and other ≥2-D parameters, with a warning naming
+    them. ``layouts={"parameter.name": layout or None}`` overrides the choice (None: AdamW).
     """
-    excluded = {id(p) for module in model.modules() if isinstance(module, torch.nn.Embedding)
+    layouts = dict(layouts or {})
+    unknown = set(layouts) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"split_parameters: layouts names parameters the model does not have: {sorted(unknown)}.")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    to_adamw = [module for module in model.modules() if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    excluded = {id(p) for module in [*to_adamw, *exclude, *([head] if head is not None else [])]
                 for p in module.parameters()}
-    excluded |= {id(p) for module in exclude for p in module.parameters()}
-    normuon_params, adamw_params = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            use_normuon = param.ndim >= 2 and id(param) not in excluded
-            (normuon_params if use_normuon else adamw_params).append(param)
-    return normuon_params, adamw_params
+    owner = {id(p): (module, name) for module in model.modules() for name, p in module.named_parameters(recurse=False)}
+    groups, adamw_params, unrecognized = defaultdict(list), [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in layouts:
+            layout = layouts[name]
+        elif id(param) in excluded or sum(size > 1 for size in param.shape) <= 1:
+            layout = None
+        else:
+            layout = parameter_layout(*owner[id(param)], param)
+            if layout is None:
+                unrecognized.append(f"{name} {tuple(param.shape)}")
+        (groups[layout] if layout is not None else adamw_params).append(param)
+    if unrecognized:
+        warnings.warn(f"split_parameters: AdamW will train {', '.join(unrecognized)}: not weights of a layer it "
+                      "recognizes. To train one with NorMuon, pass layouts={name: layout}.", stacklevel=2)
+    return [dict(params=params, layout=layout) for layout, params in groups.items()], adamw_params

@@ -9,16 +9,17 @@ import torch
 A, B, C = 3.4445, -4.7750, 2.0315
 
 
-def newton_schulz_float64(matrix):
-    """NS5 in float64: X0 = M / ||M||_F (transposed when tall), X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X."""
+def newton_schulz_float64(matrix, coefficients=(A, B, C), steps=5):
+    """NS in float64: X0 = M / ||M||_F (transposed when tall), X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X."""
+    a, b, c = coefficients
     x = matrix.double()
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
     x = x / max(x.norm().item(), 1e-7)
-    for _ in range(5):
+    for _ in range(steps):
         gram = x @ x.T
-        x = A * x + B * gram @ x + C * gram @ gram @ x
+        x = a * x + b * gram @ x + c * gram @ gram @ x
     return x.T if tall else x
 
 

@@ -44,7 +44,7 @@ def test_newton_schulz_singular_values_land_in_muon_band(shape):
     assert output.dtype == torch.bfloat16 and output.shape == matrix.shape
     values = singular_values(output.float())
     # Muon's quintic maps every singular value in [σ_max/100, σ_max] into a band around 1, not onto 1
-    # (PAPER.md: roughly (0.5, 1.5)); measured (0.68, 1.16).
+    # (Muon's author: roughly Uniform(0.5, 1.5)); measured (0.68, 1.16).
     assert values.min() > 0.6 and values.max() < 1.25
     assert (values.max() - values.min()) > 0.1  # not exactly orthogonal: why row norms stay unequal
 
@@ -81,6 +81,20 @@ def test_newton_schulz_matches_float64_iteration_to_bf16_precision():
     assert error < 2e-2  # five bf16 iterations: a few units of bf16's 2^-8 roundoff
 
 
+@pytest.mark.parametrize("coefficients", [(1.5, -0.5, 0.0), (2.0, -1.5, 0.5), (3.4445, -4.7750, 2.0315), (1.0, 0.0, 0.0)],
+                         ids=["cubic", "quintic", "muon", "identity"])
+@pytest.mark.parametrize("shape", [(40, 24), (3, 24, 40)], ids=["tall", "stack"])
+def test_newton_schulz_any_coefficients_match_float64_iteration(coefficients, shape):
+    """Any polynomial, also one with c = 0 (where bf16 baddbmm with alpha=0 drops beta on some CPUs):
+    the bf16 result is the float64 iteration of the same polynomial up to bf16 roundoff."""
+    torch.manual_seed(0)
+    matrix = torch.randn(shape)
+    output = normuon.newton_schulz(matrix, steps=5, coefficients=coefficients).double()
+    expected = torch.stack([newton_schulz_float64(m, coefficients) for m in matrix.reshape(-1, *shape[-2:])])
+    error = (output.reshape(expected.shape) - expected).norm() / expected.norm()
+    assert error < 2e-2, error
+
+
 # -----------------------------------------------------------------------------
 # The update against the float64 reference of Algorithm 1
 
@@ -102,7 +116,7 @@ def run_against_reference(shape, steps, make_grad, momentum=0.95, orthogonalize=
         reference.step(grad)
         change, reference_change = param.detach().double() - before, reference.weight - reference_before
         step_errors.append(((change - reference_change).norm() / reference_change.norm()).item())
-    second_moment = optimizer.state[param]["second_moment"].double().squeeze(1)
+    second_moment = optimizer.state[param]["second_moment"].double()
     moment_error = ((second_moment - reference.second_moment).norm() / reference.second_moment.norm()).item()
     return step_errors, moment_error
 
@@ -136,7 +150,7 @@ def test_update_matches_float64_algorithm_exactly_given_the_same_ns(settings):
 def test_pure_function_on_a_stack_equals_one_matrix_at_a_time():
     torch.manual_seed(0)
     grad = torch.randn(3, 20, 12)
-    stacked_state = (torch.randn(3, 20, 12), torch.rand(3, 20, 1))
+    stacked_state = (torch.randn(3, 20, 12), torch.rand(3, 20))
     single_state = copy.deepcopy(stacked_state)
     stacked = normuon.normuon_update(grad, *stacked_state)
     for k in range(3):
@@ -149,25 +163,61 @@ def test_pure_function_on_a_stack_equals_one_matrix_at_a_time():
 # Exact invariants of the algorithm
 
 
-@pytest.mark.parametrize("shape", [(48, 24), (24, 48), (6, 4, 3, 3)], ids=["tall", "wide", "conv"])
-def test_first_update_has_equal_row_norms_and_rms_is_0_2_lr(shape):
-    """v_0 = 0, so after step 1 v = (1-β2)·mean_row(O²) and every row of Ô has norm sqrt(n/(1-β2)):
-    the first update's rows are exactly equal. With match_rms_adamw, RMS(update) = 0.2·lr at every step."""
+def output_neuron_updates(update, layout):
+    """The update's rows per output neuron, written out per layout without normuon.as_matrices:
+    (matrices, neurons, inputs)."""
+    if layout == "out_in":
+        return update[None]
+    if layout == "in_out":
+        return update.T[None]
+    if layout == "conv":
+        return update.reshape(update.shape[0], -1)[None]
+    return update if layout == "experts_out_in" else update.transpose(1, 2)
+
+
+LAYOUT_SHAPES = [("out_in", (48, 24)), ("out_in", (24, 48)), ("in_out", (24, 48)), ("conv", (6, 4, 3, 3)),
+                 ("experts_out_in", (3, 20, 12)), ("experts_in_out", (3, 12, 20))]
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES, ids=lambda x: str(x))
+def test_first_update_has_equal_neuron_norms_and_rms_is_0_2_lr(layout, shape):
+    """v_0 = 0, so after step 1 v = (1-β2)·mean_row(O²) and every neuron's row of Ô has norm sqrt(n/(1-β2)):
+    the first update's output-neuron norms are exactly equal, in every layout (along the other axis they
+    are not). With match_rms_adamw, RMS(update) = 0.2·lr at every step, per matrix (per expert)."""
     torch.manual_seed(0)
     param = nn.Parameter(torch.zeros(shape))  # zeros: the change is the update, no fp32 cancellation
     lr = 0.01
-    optimizer = normuon.NorMuon([param], lr=lr)
+    optimizer = normuon.NorMuon([dict(params=[param], layout=layout)], lr=lr)
+    spread = lambda norms: ((norms.max(-1).values - norms.min(-1).values) / norms.mean(-1)).max().item()
     for step in range(5):
         before = param.detach().clone()
+        param.grad = torch.randn(shape) * torch.logspace(-1, 1, shape[-1])  # unequal columns: unequal rows of O
+        optimizer.step()
+        rows = output_neuron_updates(before - param.detach(), layout)  # (matrices, neurons, inputs)
+        rms = rows.square().mean(dim=(1, 2)).sqrt()
+        assert (rms - 0.2 * lr).abs().max() < 1e-5 * lr
+        if step == 0:
+            assert spread(rows.norm(dim=2)) < 1e-5
+            assert spread(rows.norm(dim=1)) > 1e-2  # the other axis: not what is balanced
+    assert spread(rows.norm(dim=2)) > 1e-3  # later steps: equal only on average
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES[2:], ids=lambda x: str(x))
+def test_every_layout_equals_its_out_in_matrices(layout, shape):
+    """A weight of any layout is trained exactly as its (out, in) matrices are, one by one."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(shape))
+    matrices = [nn.Parameter(m.clone()) for m in output_neuron_updates(param.detach(), layout)]
+    optimizer = normuon.NorMuon([dict(params=[param], layout=layout)], lr=0.02, weight_decay=0.1)
+    references = [normuon.NorMuon([m], lr=0.02, weight_decay=0.1) for m in matrices]
+    for _ in range(3):
         param.grad = torch.randn(shape)
         optimizer.step()
-        update = (before - param.detach()).flatten(1)
-        rms = update.square().mean().sqrt()
-        assert abs(rms.item() - 0.2 * lr) < 1e-5 * lr
-        row_norms = update.norm(dim=1)
-        if step == 0:
-            assert (row_norms.max() - row_norms.min()) / row_norms.mean() < 1e-5
-    assert (row_norms.max() - row_norms.min()) / row_norms.mean() > 1e-3  # later steps: equal only on average
+        for matrix, grad, reference in zip(matrices, output_neuron_updates(param.grad, layout), references):
+            matrix.grad = grad.contiguous()
+            reference.step()
+    for matrix, row_view in zip(matrices, output_neuron_updates(param.detach(), layout)):
+        torch.testing.assert_close(row_view, matrix.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_muon_rows_are_unequal_and_normuon_equalizes_them():
@@ -214,22 +264,31 @@ def test_normalize_false_matches_torch_muon(settings):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp2_equals_single_device(world_size, tmp_path):
-    """tests/fsdp_worker.py: 6 steps, the same gradients, three param groups (paper, released code,
-    Muon); 3 ranks give uneven shards and ranks with no rows of a 2-row matrix. fp32 throughout; only
-    the order of float additions differs (the Frobenius norms are all-reduced), so we ask ≤ 1e-6."""
+    """tests/fsdp_worker.py: 6 steps, the same gradients, every layout and the three variants (paper,
+    released code, Muon); 3 ranks give uneven shards and ranks with no rows at all. fp32 throughout;
+    only the order of float additions differs (norms and per-neuron sums are all-reduced): ≤ 1e-6."""
     result = tmp_path / "result.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
                     str(REPO / "tests" / "fsdp_worker.py"), str(result)], check=True, timeout=300, cwd=REPO)
     outcome = json.loads(result.read_text())
     assert max(outcome["param_errors"].values()) < 1e-6, outcome["param_errors"]
     assert max(outcome["state_errors"].values()) < 1e-6, outcome["state_errors"]
+    assert len(outcome["state_errors"]) == 2 * len(outcome["param_errors"])  # both states of every parameter compared
     assert all(keys == outcome["state_keys"][0] for keys in outcome["state_keys"])  # same state_dict on every rank
-    # Each matrix orthogonalized once in the job, the work spread round-robin (at most one matrix apart per step).
-    per_rank = outcome["matrices_orthogonalized_per_rank_per_step"]
-    assert sum(per_rank) == outcome["matrices"] and max(per_rank) - min(per_rank) <= 1, per_rank
     assert "sharded on dim 0 over a 1-D mesh" in outcome["replicated_parameter_error"]
-    if world_size == 3:
-        assert outcome["local_rows"][2]["down_a.weight"] == 0  # the case that deadlocks naive implementations
+    if world_size == 3:  # the cases that deadlock naive implementations: ranks holding nothing of a tensor
+        empty = {name for name, rows in outcome["local_rows"][2].items() if rows == 0}
+        assert {"down_a.weight", "in_out_narrow.weight", "experts.weight"} <= empty
+
+
+def test_assign_owners_balances_and_puts_each_matrix_on_one_rank():
+    sizes = [100, 100, 100, 400, 50, 50, 50, 50, 900]
+    owners = normuon.assign_owners(sizes, world_size=3)
+    assert owners == normuon.assign_owners(list(sizes), world_size=3)  # a pure function of the sizes
+    assert owners[8] == 0 and owners[3] == 1  # biggest first, round-robin
+    counts = [owners.count(rank) for rank in range(3)]
+    assert sum(counts) == len(sizes) and max(counts) - min(counts) <= 1
+    assert normuon.assign_owners([5, 5], world_size=4) == [0, 1]  # more ranks than matrices: some own none
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +367,7 @@ def test_parameters_without_gradient_are_skipped():
 
 
 def test_bf16_momentum_buffer_is_not_scaled_in_place_by_ns():
-    """PAPER.md's aliasing pitfall: for a bf16 buffer, `.to(bfloat16)` is the buffer itself."""
+    """An aliasing pitfall of other implementations: for a bf16 buffer, `.to(bfloat16)` is the buffer itself."""
     param = nn.Parameter(torch.randn(16, 8, dtype=torch.bfloat16))
     optimizer = normuon.NorMuon([param], lr=0.1, momentum=0.5)
     grad = torch.randn(16, 8, dtype=torch.bfloat16) * 100
@@ -322,14 +381,14 @@ def test_conv_kernel_is_trained_as_its_flattened_matrix():
     torch.manual_seed(0)
     kernel = nn.Parameter(torch.randn(6, 4, 3, 3))
     matrix = nn.Parameter(kernel.detach().reshape(6, 36).clone())
-    optimizers = [normuon.NorMuon([p], lr=0.05) for p in (kernel, matrix)]
+    optimizers = [normuon.NorMuon([dict(params=[kernel], layout="conv")], lr=0.05), normuon.NorMuon([matrix], lr=0.05)]
     for _ in range(3):
         grad = torch.randn(6, 36)
         kernel.grad, matrix.grad = grad.reshape(6, 4, 3, 3).clone(), grad.clone()
         for optimizer in optimizers:
             optimizer.step()
     torch.testing.assert_close(kernel.detach().reshape(6, 36), matrix.detach())
-    assert optimizers[0].state[kernel]["second_moment"].shape == (6, 1)
+    assert optimizers[0].state[kernel]["second_moment"].shape == (6,)
 
 
 def test_channels_last_kernel_is_updated_like_a_contiguous_one():
@@ -338,13 +397,15 @@ def test_channels_last_kernel_is_updated_like_a_contiguous_one():
     torch.manual_seed(0)
     contiguous = nn.Parameter(torch.randn(6, 4, 3, 3))
     channels_last = nn.Parameter(contiguous.detach().clone().to(memory_format=torch.channels_last))
-    optimizers = [normuon.NorMuon([p], lr=0.05) for p in (contiguous, channels_last)]
+    initial = contiguous.detach().clone()
+    optimizers = [normuon.NorMuon([dict(params=[p], layout="conv")], lr=0.05) for p in (contiguous, channels_last)]
     for _ in range(3):
         grad = torch.randn(6, 4, 3, 3)
         contiguous.grad, channels_last.grad = grad.clone(), grad.clone().to(memory_format=torch.channels_last)
         for optimizer in optimizers:
             optimizer.step()
-    assert not torch.equal(contiguous.detach(), channels_last.detach().new_zeros(6, 4, 3, 3))
+    assert (channels_last.detach() - initial).abs().min() > 0  # every element moved
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)  # and the layout was kept
     torch.testing.assert_close(channels_last.detach(), contiguous.detach(), rtol=0, atol=0)
     torch.testing.assert_close(optimizers[1].state[channels_last]["momentum_buffer"],
                                optimizers[0].state[contiguous]["momentum_buffer"], rtol=0, atol=0)
@@ -373,6 +434,10 @@ def test_second_moment_is_fp32_for_bf16_parameters_also_after_loading():
     (lambda: normuon.NorMuon([dict(params=[nn.Parameter(torch.zeros(4, 4))], lr=float("nan"))]), "lr must be >= 0"),
     (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(0, 4))]), "empty parameter"),
     (lambda: normuon.update_scale((4, 4), "match_rms_adam", normalize=False), "adjust_lr_fn must be one of"),
+    (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(3, 4, 5))]), "layout='conv'"),  # a 3-D guess is refused
+    (lambda: normuon.NorMuon([dict(params=[nn.Parameter(torch.zeros(4, 4))], layout="conv")]), "2-D parameter"),
+    (lambda: normuon.NorMuon([dict(params=[nn.Parameter(torch.zeros(4, 4))], layout="rows")]), "layout must be one of"),
+    (lambda: normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], ns_coefficients=(1.0, 2.0)), "three numbers"),
 ])
 def test_bad_input_raises_a_clear_value_error(make, message):
     with pytest.raises(ValueError, match=message):
@@ -394,18 +459,129 @@ def test_sparse_gradient_raises_a_clear_value_error():
         optimizer.step()
 
 
-def test_split_parameters():
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = nn.Embedding(10, 8)
-            self.norm = nn.LayerNorm(8)
-            self.hidden = nn.Linear(8, 8)
-            self.conv = nn.Conv1d(8, 8, 3, bias=False)
-            self.head = nn.Linear(8, 10, bias=False)
-            self.gain = nn.Parameter(torch.ones(()))
+class Conv1DLike(nn.Module):
+    """The layout of transformers' Conv1D (GPT-2): weight (in, out), y = x W + b; attributes nx, nf."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+class StackedExperts(nn.Module):
+    """Experts as one 3-D parameter, the way transformers' MoE layers keep them (num_experts, is_transposed)."""
+
+    def __init__(self, num_experts, is_transposed):
+        super().__init__()
+        self.num_experts, self.is_transposed = num_experts, is_transposed
+        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, 8, 16) * 0.02)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.hidden = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 8, 3, bias=False)
+        self.attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)  # in_proj_weight (24, 8); bias_k (1, 1, 8)
+        self.c_attn = Conv1DLike(24, 8)
+        self.experts = StackedExperts(4, is_transposed=False)
+        self.experts_t = StackedExperts(4, is_transposed=True)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.head = nn.Linear(8, 10, bias=False)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_split_parameters_finds_every_layout_and_leaves_the_rest_to_adamw():
     model = Tiny()
-    normuon_params, adamw_params = normuon.split_parameters(model, exclude=[model.head])
-    assert {id(p) for p in normuon_params} == {id(model.hidden.weight), id(model.conv.weight)}
-    assert {id(p) for p in adamw_params} == {id(p) for p in model.parameters()} - {id(p) for p in normuon_params}
-    normuon.NorMuon(normuon_params)  # the split is valid input
+    groups, adamw_params = normuon.split_parameters(model)
+    layouts = {id(p): group["layout"] for group in groups for p in group["params"]}
+    expected = {model.hidden.weight: "out_in", model.conv.weight: "conv", model.attention.in_proj_weight: "out_in",
+                model.attention.out_proj.weight: "out_in", model.c_attn.weight: "in_out",
+                model.experts.gate_up_proj: "experts_out_in", model.experts_t.gate_up_proj: "experts_in_out"}
+    assert layouts == {id(p): layout for p, layout in expected.items()}
+    assert {id(p) for p in adamw_params} == {id(p) for p in model.parameters()} - set(layouts)
+    assert id(model.head.weight) not in layouts and id(model.attention.bias_k) not in layouts  # head, vector-like
+    normuon.NorMuon(groups)  # the split is valid input
+
+
+def test_split_parameters_overrides_and_warnings():
+    model = Tiny()
+    groups, _ = normuon.split_parameters(model, layouts={"hidden.weight": None, "class_token": None})
+    assert id(model.hidden.weight) not in {id(p) for group in groups for p in group["params"]}
+    model.table = nn.Parameter(torch.zeros(5, 8))  # a raw matrix: not a layer split_parameters knows
+    with pytest.warns(UserWarning, match=r"AdamW will train table \(5, 8\)"):
+        normuon.split_parameters(model)
+    with pytest.raises(ValueError, match="does not have"):
+        normuon.split_parameters(model, layouts={"no.such.weight": "out_in"})
+    del model.experts_t.is_transposed  # experts that do not say which way they are stored
+    with pytest.raises(ValueError, match="experts_out_in"):
+        normuon.split_parameters(model)
+
+
+# -----------------------------------------------------------------------------
+# torch.optim conventions (as torch's generic optimizer tests apply them to torch.optim.Muon)
+
+
+def test_tensor_lr_and_none_params_raise_value_errors():
+    with pytest.raises(ValueError, match="one element"):
+        normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], lr=torch.tensor([1e-3, 1e-3]))
+    with pytest.raises(ValueError, match="params=None"):
+        normuon.NorMuon(None)
+    param = nn.Parameter(torch.zeros(4, 4))
+    optimizer = normuon.NorMuon([param], lr=torch.tensor(0.01))  # a one-element Tensor lr works
+    param.grad = torch.randn(4, 4)
+    optimizer.step()
+    assert param.detach().abs().sum() > 0
+
+
+def test_load_state_dict_with_a_hook_entry_that_is_not_a_dict():
+    param = nn.Parameter(torch.randn(8, 4))
+    optimizer = normuon.NorMuon([param])
+    param.grad = torch.randn(8, 4)
+    optimizer.step()
+    state_dict = optimizer.state_dict()
+
+    def add_entry(_, state_dict):
+        state_dict["state"]["note"] = "not a tensor dict"
+        return state_dict
+
+    fresh = normuon.NorMuon([param])
+    fresh.register_load_state_dict_pre_hook(add_entry)
+    fresh.load_state_dict(state_dict)
+    torch.testing.assert_close(fresh.state[param]["second_moment"], optimizer.state[param]["second_moment"], rtol=0, atol=0)
+
+
+def test_fp16_parameters_keep_an_exact_fp32_second_moment_through_a_round_trip():
+    param = nn.Parameter(torch.randn(16, 8).half())
+    optimizer = normuon.NorMuon([param], lr=0.1)
+    param.grad = torch.randn(16, 8).half()
+    optimizer.step()
+    saved = optimizer.state[param]["second_moment"].clone()
+    assert saved.dtype == torch.float32
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # torch casts state to fp16 on the way in
+    assert torch.equal(optimizer.state[param]["second_moment"], saved)  # bit for bit, not fp16-rounded
+
+
+def test_ns_coefficients_are_used():
+    """torch.optim.Muon's ns_coefficients: another polynomial gives another update, equal to torch's."""
+    torch.manual_seed(0)
+    quintic = (2.0, -1.5, 0.5)  # c != 0: torch's own NS hits the bf16 CPU baddbmm issue when c = 0
+    ours = nn.Parameter(torch.randn(24, 12))
+    theirs = nn.Parameter(ours.detach().clone())
+    our_optimizer = normuon.NorMuon([ours], lr=0.02, normalize=False, nesterov=True, adjust_lr_fn="original",
+                                    ns_coefficients=quintic, ns_steps=8)
+    torch_optimizer = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.0, ns_coefficients=quintic, ns_steps=8)
+    default = nn.Parameter(ours.detach().clone())
+    default_optimizer = normuon.NorMuon([default], lr=0.02, normalize=False, nesterov=True, adjust_lr_fn="original", ns_steps=8)
+    grad = torch.randn(24, 12)
+    ours.grad, theirs.grad, default.grad = grad.clone(), grad.clone(), grad.clone()
+    for optimizer in (our_optimizer, torch_optimizer, default_optimizer):
+        optimizer.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert (ours - default).abs().max() > 1e-4  # the coefficients changed the update
