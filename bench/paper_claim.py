@@ -1,183 +1,703 @@
-"""The paper's training-efficiency claim at our scale: AdamW vs Muon vs NorMuon on one GPU.
+"""The paper's training-efficiency claim at small scale: NorMuon vs Muon vs AdamW on one GPU (protocol v2).
 
-    python bench/paper_claim.py run        # every run not yet in bench/results/paper_claim/ (resumable)
-    python bench/paper_claim.py report     # the table (paper_claim.json, printed) and plots, from saved metrics
+    python bench/paper_claim.py run --phase all --deadline_minutes 8 --parallel 8   # resumable, deadline-driven
+    python bench/paper_claim.py pack results.tar      # the finished runs (and the record of each `run`) in one file
+    python bench/paper_claim.py unpack results.tar    # merge them back into bench/results/paper_claim/
+    python bench/paper_claim.py report                # bench/results/paper_claim.json and .png, from saved metrics
 
-Protocol, fixed before the first run and changed once, in its batch size only (see History; also in the README):
-- Model: train_gpt.py's "shakespeare-10m" preset (6 layers, 6 heads, width 384, context 256: 10.7M parameters),
-  byte tokens of the default Shakespeare corpus (4.73M training tokens, 3 held-out plays for validation).
-- 1000 steps of 32 x 256 = 8,192 tokens: 8.2M tokens, 1.73 passes over the training text (no token is seen
-  more than twice). Linear warmup of 50 steps, then linear decay to 0 (the paper's schedule). bf16 autocast,
-  no compile.
-- The hidden matrices are trained by the optimizer under test, with weight decay 0.1; embeddings, output head
-  and norms by AdamW at lr 4e-3, betas (0.9, 0.95), no weight decay, in every run. NorMuon and Muon use
-  match_rms_adamw scaling (update RMS 0.2·lr), so one learning-rate grid serves all three.
-- Learning-rate sweep of the hidden matrices: 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2 for each optimizer, seed 1337.
-  The best (lowest final validation loss) of each optimizer is then rerun with seeds 1338 and 1339.
-- Validation loss every 25 steps on the same 20 batches (20 x 32 x 256 = 164k tokens) of held-out text.
-- Metric (the paper's): the first evaluated step at which an optimizer's validation loss, averaged over its
-  3 seeds, is at or below AdamW's final validation loss (its best lr, averaged over its 3 seeds); also the same
-  against Muon's. "x% fewer steps" = 1 - that step / 1000, since the reference itself gets there only at the
-  end. Also reported per seed.
-- History: a first run of this protocol (bench/results/paper_claim_v1*) used 64 sequences per step, which is
-  3.5 passes over the text (the corpus size had been taken in bytes of the token file, twice the token count);
-  it is kept for reference. Its grid first lacked 5e-4 and 1e-3, added when AdamW's best was at the grid's edge.
+`run` starts train_gpt.py processes side by side on the GPU (--parallel), only those it expects to finish
+before the deadline (from the speed measured so far), skips runs already finished, and at the deadline kills
+and discards unfinished ones. --phase tune: the tuning runs; report: the reporting runs of each optimizer
+whose tuning is complete; all: both, tuning first. PAPER_CLAIM_TINY=1 shrinks everything (tiny model, 40 steps,
+a text file of Python's own sources, results under out/) to check the whole pipeline on a CPU in minutes.
+
+Protocol v2, fixed before its first run
+---------------------------------------
+Question: does NorMuon reach a lower validation loss than Muon, and than AdamW, in the same number of steps,
+and how many fewer steps does it need to reach their final loss?
+
+- Data: the byte-token code corpus (`--data data/code/`, vocabulary 256, made by bench/prepare_corpus.py; whole
+  packages held out for validation). Training sequences in a shuffled order that depends on the seed, each
+  token at most once (a single pass: `run` checks that the training split holds more tokens than a run
+  reads). The same validation batches for every run and every evaluation.
+- Model: train_gpt.py's `shakespeare-10m` preset (6 layers, 6 heads, width 384, context 256): 10.9M parameters
+  with a 256-byte vocabulary. bf16 autocast, no compile.
+- Schedule: 1000 steps of 128 x 256 = 32,768 tokens: 32.8M training tokens (3.0 per parameter). Linear warmup
+  over 5% of the steps, then linear decay to 0 (the paper's schedule). Validation every 50 steps on the same
+  10 batches (328k tokens) of held-out text.
+- Optimizers: AdamW, Muon or NorMuon train the hidden matrices with weight decay 0.1; AdamW (betas 0.9, 0.95)
+  trains embeddings, output head and norms at lr 4e-3, no weight decay. Muon and NorMuon scale their update to
+  RMS 0.2·lr, so one √2-spaced grid of the hidden-matrix lr serves all three: lr_k = 1e-3 · 2^(k/2).
+- Tuning, on seed 0, which is not a reporting seed:
+  * lr grid: AdamW k = 0..4 (1e-3 .. 4e-3), Muon and NorMuon k = 2..6 (2e-3 .. 8e-3), centred on v1's best. While
+    the best lr is at an edge of the finished grid, the next √2 point outward is added (at most 8 points).
+  * AdamW gets a fair chance: at its best grid lr, one knob at a time, embedding/head lr (--adamw_lr) 2e-3
+    and 8e-3, warmup 2% and 10%, gradient clipping (--grad_clip, max global norm) 1.0 and 0.25 (default:
+    off). If the best value of two or more knobs differs from the default, their combination is run too.
+    Muon and NorMuon keep the defaults.
+  * Each optimizer's reporting settings: its tuning run with the lowest final validation loss (a run whose
+    training loss turns non-finite, or whose final validation loss is non-finite, counts as diverged: +inf).
+- Reporting: seeds 1..5 for each optimizer at its settings (paired by seed: the same initialization and data
+  order for the three optimizers). NorMuon also runs shortened schedules: 0.9x, 0.8x and 0.5x the steps (same
+  lr, warmup and decay rescaled to the shorter run) on seeds 1..3.
+- Reported (bench/results/paper_claim.json): final validation loss per optimizer (per seed, mean, range, sd);
+  paired differences NorMuon − Muon, NorMuon − AdamW, Muon − AdamW with 95% t intervals over the 5 seeds.
+  Verdict on NorMuon vs Muon: "NorMuon lower" if the interval of NorMuon − Muon lies below 0, "Muon lower" if
+  above, else "not resolved" (the interval then bounds any difference); the same rule for AdamW's gap.
+  Steps to target, two ways: (a) the paper's metric: the first evaluated step at which the seed-mean validation
+  curve of NorMuon (or Muon) is at or below the reference's (AdamW's or Muon's) seed-mean final loss; (b) from
+  the shortened schedules: the schedule length at which NorMuon's seed-mean final loss (seeds 1..3, full length
+  included) crosses the reference's final loss, interpolated linearly between neighbouring lengths; "not
+  reached" if even the full schedule ends above it, "<= 0.5x" if the shortest run is already below it.
+- Compute, sized for two `run` calls of 8 minutes on one H100 (several runs sharing the GPU): the 10M model at
+  8k tokens per step ran at 0.61M tokens/s in one process, launch-bound (4% MFU); at 32k tokens per step with
+  8 processes sharing the GPU we expect about 2.2M tokens/s together (~16% MFU: matmuls ~6 ms, unfused
+  element-wise work ~6 ms and the optimizer's small kernels ~3 ms per 32k-token step). Runs: tuning 15 grid + 6
+  AdamW knobs + 1 combination + 0-3 grid extensions = 22-25; reporting 15 + 3 x (0.9 + 0.8 + 0.5) = 21.6
+  run-equivalents; total ~45 x 32.8M = 1.5B tokens, +7% evaluation = 1.6B tokens = ~730 s at 2.2M tokens/s,
+  of the ~900 s two blocks give after start-up and the last partly filled round: 20% to spare if throughput is
+  lower. 10 tokens per parameter (109M tokens per run) would need 3.3x as much GPU time, so it is not done;
+  neither is a second model size. Runs start in priority order (tuning, with AdamW's longer chain of dependent
+  runs first; reporting seeds; NorMuon at 0.9x, 0.8x, 0.5x), so if time runs out the last of these are
+  missing, and the report lists them. Training time in the metrics is wall time while sharing the GPU.
+
+History
+-------
+- v2 (this protocol): written down before its first run, after v1's results had been rechecked.
+- v1 (this script before protocol v2): Shakespeare bytes, 4.73M training tokens read front to back in the same
+  order for every seed; 1000 steps of 64 x 256 tokens (3.5 passes), then 32 x 256 (1.73 passes, "v1.5"); lr
+  grid in steps of 2x chosen on seed 1337, which was also one of the 3 reported seeds; only AdamW's
+  hidden-matrix lr tuned. Its results were removed from the tree (they are in the git history); v2 replaces
+  them.
 """
 
 import argparse
+import dataclasses
+import datetime
 import json
 import math
+import os
+import platform
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tarfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+TINY = os.environ.get("PAPER_CLAIM_TINY") == "1"
 OPTIMIZERS = ("adamw", "muon", "normuon")
-LEARNING_RATES = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
-SWEEP_SEED, EXTRA_SEEDS = 1337, (1338, 1339)
-PROTOCOL = dict(preset="shakespeare-10m", max_steps=1000, batch_size=32, warmup_steps=50, adamw_lr=4e-3,
-                weight_decay=0.1, eval_interval=25, eval_batches=20, log_interval=25, checkpoint_interval=1000,
-                sample_tokens=0)
+TUNE_SEED, SEEDS, SHORT_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3)
+FRACTIONS = (0.9, 0.8, 0.5)  # shortened NorMuon schedules, in the order they are run
+MAX_GRID_POINTS = 8
+DEFAULTS = dict(adamw_lr=4e-3, warmup=0.05, grad_clip=0.0)
+ADAMW_KNOBS = dict(adamw_lr=(2e-3, 8e-3), warmup=(0.02, 0.10), grad_clip=(1.0, 0.25))
+if TINY:  # the same pipeline in minutes on a CPU: nothing here is a result
+    INITIAL_GRID = dict(adamw=(2, 1, 3), muon=(4, 3, 5), normuon=(4, 3, 5))
+    PROTOCOL = dict(preset="tiny", data=str(ROOT / "out" / "paper_claim_tiny.txt"), seq_len=64, batch_size=8,
+                    max_steps=40, eval_interval=10, eval_batches=2, weight_decay=0.1)
+    RUNS_DIR, REPORT = ROOT / "out" / "paper_claim_tiny", ROOT / "out" / "paper_claim_tiny"
+else:
+    INITIAL_GRID = dict(adamw=(2, 1, 3, 0, 4), muon=(4, 3, 5, 2, 6), normuon=(4, 3, 5, 2, 6))  # centre first
+    PROTOCOL = dict(preset="shakespeare-10m", data="data/code/", seq_len=256, batch_size=128, max_steps=1000,
+                    eval_interval=50, eval_batches=10, weight_decay=0.1)
+    RUNS_DIR, REPORT = ROOT / "bench" / "results" / "paper_claim", ROOT / "bench" / "results" / "paper_claim"
+TOKENS_PER_STEP = PROTOCOL["batch_size"] * PROTOCOL["seq_len"]
+TRAIN_TOKENS = PROTOCOL["max_steps"] * TOKENS_PER_STEP
+REQUIRED_FLAGS = ("preset", "data", "seq_len", "batch_size", "max_steps", "warmup_steps", "optimizer", "lr",
+                  "adamw_lr", "weight_decay", "grad_clip", "seed", "eval_interval", "eval_batches", "log_interval",
+                  "checkpoint_interval", "sample_tokens", "run_name", "out_dir")
+DIVERGED = re.compile(r"training loss is (nan|inf|-inf)", re.IGNORECASE)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def run_name(optimizer: str, lr: float, seed: int) -> str:
-    return f"{optimizer}-lr{lr:g}-seed{seed}"
+def grid_lr(k: int) -> float:
+    return float(f"{1e-3 * 2 ** (k / 2):.4g}")
 
 
-def load_metrics(runs_dir: Path, name: str):
-    """The logged records of a finished run, or None if it has not run; a diverged run has {"diverged": ...}."""
-    path = runs_dir / name / "metrics.jsonl"
-    if (runs_dir / name / "diverged.json").exists():
-        return json.loads((runs_dir / name / "diverged.json").read_text())
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return records if records and records[-1]["step"] == PROTOCOL["max_steps"] else None
+def grid_index(lr: float) -> int:
+    return round(2 * math.log2(lr / 1e-3))
 
 
-def final_val_loss(records) -> float:
-    """inf for a diverged run: stopped by a non-finite training loss, or ending with a non-finite val loss."""
-    loss = float("inf") if isinstance(records, dict) else records[-1]["val_loss"]
-    return loss if math.isfinite(loss) else float("inf")
+# -----------------------------------------------------------------------------
+# Runs and what the protocol needs next
 
 
-def best_learning_rates(runs_dir: Path) -> dict:
-    """Each optimizer's learning rate with the lowest final val loss at the sweep seed (needs the whole sweep)."""
+@dataclass(frozen=True)
+class Run:
+    optimizer: str
+    lr: float
+    seed: int = TUNE_SEED
+    adamw_lr: float = DEFAULTS["adamw_lr"]
+    warmup: float = DEFAULTS["warmup"]  # fraction of the run's steps
+    grad_clip: float = DEFAULTS["grad_clip"]
+    fraction: float = 1.0  # schedule length, relative to the protocol's
+
+    @property
+    def steps(self) -> int:
+        return round(self.fraction * PROTOCOL["max_steps"])
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.warmup * self.steps))
+
+    @property
+    def name(self) -> str:
+        return (f"{self.optimizer}-lr{self.lr:g}-alr{self.adamw_lr:g}-wu{self.warmup_steps}-clip{self.grad_clip:g}"
+                f"-steps{self.steps}-seed{self.seed}")
+
+    def flags(self, out_dir: Path) -> list:
+        values = dict(PROTOCOL, optimizer=self.optimizer, lr=self.lr, adamw_lr=self.adamw_lr, grad_clip=self.grad_clip,
+                      max_steps=self.steps, warmup_steps=self.warmup_steps, seed=self.seed,
+                      log_interval=PROTOCOL["eval_interval"], checkpoint_interval=self.steps, sample_tokens=0,
+                      run_name=self.name, out_dir=out_dir)
+        return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
+def final_loss(results: dict, run: Run):
+    """A finished run's final validation loss, inf if it diverged, None if it has not run."""
+    result = results.get(run.name)
+    return None if result is None else (result["final_val_loss"] if result["status"] == "finished" else math.inf)
+
+
+def lr_grid(optimizer: str, results: dict) -> tuple:
+    """(the grid's runs, whether it is complete): the initial grid, extended outward while its best is at an edge."""
+    ks = sorted(INITIAL_GRID[optimizer])
+    while True:
+        runs = [Run(optimizer, grid_lr(k)) for k in ks]
+        losses = [final_loss(results, run) for run in runs]
+        if None in losses:
+            return runs, False
+        best = ks[losses.index(min(losses))]
+        if len(ks) < MAX_GRID_POINTS and best == ks[0]:
+            ks.insert(0, ks[0] - 1)
+        elif len(ks) < MAX_GRID_POINTS and best == ks[-1]:
+            ks.append(ks[-1] + 1)
+        else:
+            return runs, True
+
+
+def knob_runs(centre: Run) -> list:
+    """AdamW's other settings, one at a time, at its best grid lr."""
+    return [dataclasses.replace(centre, **{knob: value}) for knob, values in ADAMW_KNOBS.items() for value in values]
+
+
+def combined_run(centre: Run, knobs: list, results: dict) -> Run:
+    """The best value of each knob together (the centre itself if no knob helped)."""
     best = {}
-    for optimizer in OPTIMIZERS:
-        finals = {lr: final_val_loss(load_metrics(runs_dir, run_name(optimizer, lr, SWEEP_SEED))) for lr in LEARNING_RATES}
-        best[optimizer] = min(finals, key=finals.get)
-    return best
+    for knob in ADAMW_KNOBS:
+        tried = [centre] + [run for run in knobs if getattr(run, knob) != getattr(centre, knob)]
+        best[knob] = getattr(min(tried, key=lambda run: final_loss(results, run)), knob)
+    return dataclasses.replace(centre, **best)
 
 
-def run_one(runs_dir: Path, optimizer: str, lr: float, seed: int) -> None:
-    name = run_name(optimizer, lr, seed)
-    if load_metrics(runs_dir, name) is not None:
-        return
-    print(f"=== {name}", flush=True)
-    config = train_gpt.TrainConfig(**PROTOCOL, optimizer=optimizer, lr=lr, seed=seed, run_name=name,
-                                   out_dir=str(runs_dir))
+def tuning_plan(results: dict) -> tuple:
+    """(the tuning runs needed so far, in priority order; each optimizer's settings once its tuning is complete).
+    Runs that depend on earlier results (grid extensions, AdamW's knobs) come first: their chain is the longest."""
+    ranked, best = [], {}
+    for index, optimizer in enumerate(OPTIMIZERS):
+        grid, complete = lr_grid(optimizer, results)
+        initial = INITIAL_GRID[optimizer]
+        for run in grid:
+            k = grid_index(run.lr)
+            rank = (1, optimizer != "adamw", initial.index(k), index) if k in initial else (0,)
+            ranked.append((rank, run))
+        if not complete:
+            continue
+        candidates = list(grid)
+        if optimizer == "adamw":
+            centre = min(grid, key=lambda run: final_loss(results, run))
+            knobs = knob_runs(centre)
+            ranked += [((0,), run) for run in knobs]
+            candidates += knobs
+            if any(final_loss(results, run) is None for run in knobs):
+                continue
+            combined = combined_run(centre, knobs, results)
+            if combined not in candidates:
+                ranked.append(((0,), combined))
+                candidates.append(combined)
+                if final_loss(results, combined) is None:
+                    continue
+        best[optimizer] = min(candidates, key=lambda run: final_loss(results, run))
+    return [run for _, run in sorted(ranked, key=lambda pair: pair[0])], best
+
+
+def reporting_plan(best: dict) -> list:
+    """Seeds 1..5 of each tuned optimizer (by seed), then NorMuon's shortened schedules."""
+    runs = [dataclasses.replace(best[o], seed=seed) for seed in SEEDS for o in OPTIMIZERS if o in best]
+    if "normuon" in best:
+        runs += [dataclasses.replace(best["normuon"], seed=seed, fraction=fraction)
+                 for fraction in FRACTIONS for seed in SHORT_SEEDS]
+    return runs
+
+
+def needed_runs(phase: str, results: dict) -> list:
+    tuning, best = tuning_plan(results)
+    return (tuning if phase in ("tune", "all") else []) + (reporting_plan(best) if phase in ("report", "all") else [])
+
+
+# -----------------------------------------------------------------------------
+# Running: train_gpt.py processes sharing the GPU, against a deadline
+
+
+def load_results(runs_dir: Path) -> dict:
+    return {path.parent.name: json.loads(path.read_text()) for path in runs_dir.glob("*/result.json")}
+
+
+def environment() -> dict:
+    import torch
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    return dict(device=device, gpus=torch.cuda.device_count(), torch=torch.__version__,
+                python=platform.python_version())
+
+
+def preflight() -> dict:
+    """Fail before any run if train_gpt.py lacks a flag the protocol uses, or the data cannot give a single pass."""
+    help_text = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    missing = [name for name in REQUIRED_FLAGS if f"--{name}" not in help_text]
+    if missing:
+        sys.exit(f"error: train_gpt.py has no {', '.join('--' + m for m in missing)} flag; protocol v2 needs it.")
+    if TINY and not Path(PROTOCOL["data"]).exists():
+        write_tiny_corpus(Path(PROTOCOL["data"]))
+    import torch
+    import train_gpt
     try:
-        train_gpt.train(config)
+        data = train_gpt.load_data(str(ROOT / PROTOCOL["data"]))
     except train_gpt.UserError as error:
-        if "training loss is" not in str(error):  # only a diverged run is a result (this lr is too high)
-            raise
-        (runs_dir / name / "diverged.json").write_text(json.dumps(dict(diverged=str(error))))
-    shutil.rmtree(runs_dir / name / "checkpoints")  # 130 MB, not needed for the report
+        sys.exit(f"error: {error}" + ("" if TINY else "\n(make the corpus first: python bench/prepare_corpus.py)"))
+    train_tokens, val_tokens = sum(map(len, data.train)), sum(map(len, data.val))
+    if data.vocab_size != 256:
+        sys.exit(f"error: {PROTOCOL['data']} loads with vocabulary {data.vocab_size}; the protocol needs bytes (256).")
+    # a 10% train/val split of the tiny text file is fine; the real corpus must hold a whole run
+    if train_tokens < TRAIN_TOKENS and not TINY:
+        sys.exit(f"error: {PROTOCOL['data']} has {train_tokens:,} training tokens; a run reads {TRAIN_TOKENS:,} "
+                 "(single pass required).")
+    if not TINY and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU; the full protocol is sized for one H100 (PAPER_CLAIM_TINY=1 for a CPU check).")
+    model_config = dataclasses.replace(train_gpt.PRESETS[PROTOCOL["preset"]], vocab_size=256)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in train_gpt.GPT(model_config).parameters())
+    return dict(environment(), parameters=parameters, corpus_train_tokens=train_tokens, corpus_val_tokens=val_tokens)
 
 
-def run(runs_dir: Path) -> None:
+def write_tiny_corpus(path: Path) -> None:
+    """~1.5 MB of Python's standard library sources: a small code corpus that needs no network."""
+    sources = sorted(Path(os.__file__).parent.glob("*.py"))
+    text, size = [], 0
+    for source in sources:
+        text.append(source.read_bytes())
+        size += len(text[-1])
+        if size > 1_500_000:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\n".join(text))
+
+
+@dataclass
+class Active:
+    run: Run
+    process: subprocess.Popen
+    run_dir: Path
+    log: Path
+    launched: float
+
+
+def launch(run: Run, runs_dir: Path, slot: int, parallel: int, gpus: int) -> Active:
+    shutil.rmtree(runs_dir / run.name, ignore_errors=True)
+    log = runs_dir / f"{run.name}.log"  # moved into the run directory when it ends
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
+    if gpus > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *run.flags(runs_dir)], cwd=ROOT, env=env,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"{time.strftime('%H:%M:%S')} start  {run.name}", flush=True)
+    return Active(run, process, runs_dir / run.name, log, time.monotonic())
+
+
+def read_metrics(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finish(active: Active, info: dict) -> dict:
+    """Record an ended run: finished, or diverged (non-finite training or final validation loss); raise otherwise."""
+    run, run_dir, text = active.run, active.run_dir, active.log.read_text(errors="replace")
+    records = read_metrics(run_dir)
+    if active.process.returncode != 0 and not DIVERGED.search(text):
+        tail = "\n".join(text.splitlines()[-15:])
+        raise RuntimeError(f"{run.name} failed (exit code {active.process.returncode}); its log ends:\n{tail}")
+    if active.process.returncode == 0 and not (records and records[-1]["step"] == run.steps
+                                               and "val_loss" in records[-1]):
+        raise RuntimeError(f"{run.name} exited without its final validation loss in {run_dir}/metrics.jsonl")
+    final = records[-1].get("val_loss", math.nan) if active.process.returncode == 0 else math.nan
+    run_dir.mkdir(exist_ok=True)
+    shutil.move(active.log, run_dir / "run.log")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~130 MB each, not needed for the report
+    result = dict(name=run.name, settings=dataclasses.asdict(run), steps=run.steps, warmup_steps=run.warmup_steps,
+                  tokens=run.steps * TOKENS_PER_STEP, status="finished" if math.isfinite(final) else "diverged",
+                  final_val_loss=final if math.isfinite(final) else None,
+                  wall_seconds=time.monotonic() - active.launched, **info)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{time.strftime('%H:%M:%S')} {result['status']:8s} {run.name}: final val loss {final:.4f}, "
+          f"{result['wall_seconds']:.0f} s", flush=True)
+    return result
+
+
+def stop(active: Active) -> None:
+    """Kill an unfinished run (its whole process group) and discard what it wrote."""
+    if active.process.poll() is None:
+        os.killpg(active.process.pid, signal.SIGKILL)
+    active.process.wait()
+    shutil.rmtree(active.run_dir, ignore_errors=True)
+    active.log.unlink(missing_ok=True)
+    print(f"{time.strftime('%H:%M:%S')} killed {active.run.name} (unfinished: discarded)", flush=True)
+
+
+def discard_unfinished(runs_dir: Path) -> None:
+    """Leftovers of a `run` that was killed itself: run directories without result.json, and their logs."""
+    for path in runs_dir.iterdir():
+        if path.is_dir() and not path.name.startswith("_") and not (path / "result.json").exists():
+            shutil.rmtree(path)
+        elif path.suffix == ".log":
+            path.unlink()
+
+
+def per_process_rate(active: dict, ended: list, prior: float) -> float:
+    """Tokens per second of one run while the others share the GPU: measured on this invocation's runs (start-up
+    included, so on the safe side), else the prior guess."""
+    now, rates = time.monotonic(), [r["tokens"] / r["wall_seconds"] for r in ended]
+    for a in active.values():
+        records = read_metrics(a.run_dir)
+        if records:
+            rates.append(records[-1]["step"] * TOKENS_PER_STEP / (now - a.launched))
+    return statistics.median(rates) if rates else prior
+
+
+def run_phase(phase: str, runs_dir: Path, deadline_minutes: float, parallel: int, assumed_tokens_per_second: float):
+    started, info = time.monotonic(), preflight()
+    deadline = started + 60 * deadline_minutes
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for optimizer in OPTIMIZERS:
-        for lr in LEARNING_RATES:
-            run_one(runs_dir, optimizer, lr, SWEEP_SEED)
-    for optimizer, lr in best_learning_rates(runs_dir).items():
-        for seed in EXTRA_SEEDS:
-            run_one(runs_dir, optimizer, lr, seed)
+    discard_unfinished(runs_dir)
+    active, ended, killed = {}, [], []
+    run_info = dict(device=info["device"], torch=info["torch"], parallel=parallel,
+                    date=datetime.date.today().isoformat())
+    try:
+        while True:
+            results = load_results(runs_dir)
+            for name, a in list(active.items()):
+                if a.process.poll() is not None:
+                    results[name] = finish(a, run_info)
+                    ended.append(results[name])
+                    del active[name]
+            rate = per_process_rate(active, ended, assumed_tokens_per_second / parallel)
+            pending = [r for r in needed_runs(phase, results) if r.name not in results and r.name not in active]
+            fits = [r for r in pending if time.monotonic() + 1.1 * r.steps * TOKENS_PER_STEP / rate + 10 < deadline]
+            for run in fits[:parallel - len(active)]:
+                active[run.name] = launch(run, runs_dir, len(ended) + len(active), parallel, info["gpus"])
+            if not active:
+                print(f"done: {len(pending)} needed run(s) left" + (" (none fits before the deadline)" if pending
+                                                                      else ""), flush=True)
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(2)
+    finally:
+        for a in active.values():
+            stop(a)
+            killed.append(a.run.name)
+        record_invocation(runs_dir, phase, parallel, deadline_minutes, started, info, ended, killed)
 
 
-def mean_curve(runs) -> list:
-    """(step, validation loss averaged over the seeds) at every evaluated step."""
-    evaluated = [[r for r in records if "val_loss" in r] for records in runs]
-    return [(seeds[0]["step"], statistics.mean(r["val_loss"] for r in seeds)) for seeds in zip(*evaluated)]
+def record_invocation(runs_dir, phase, parallel, deadline_minutes, started, info, ended, killed) -> None:
+    wall = time.monotonic() - started
+    record = dict(command="python " + " ".join(sys.argv), phase=phase, parallel=parallel,
+                  deadline_minutes=deadline_minutes, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  wall_seconds=wall, **info, runs_ended=[r["name"] for r in ended], runs_killed=killed,
+                  tokens_per_second_all_runs=sum(r["tokens"] for r in ended) / wall)
+    (runs_dir / "_invocations").mkdir(exist_ok=True)
+    (runs_dir / "_invocations" / f"{record['date'].replace(':', '')}.json").write_text(json.dumps(record, indent=2))
+    print(f"{len(ended)} run(s) ended, {len(killed)} killed at the deadline, {wall:.0f} s, "
+          f"{record['tokens_per_second_all_runs'] / 1e6:.2f}M training tokens/s together", flush=True)
 
 
-def first_step_at_or_below(curve, target: float):
+# -----------------------------------------------------------------------------
+# Moving results between machines
+
+
+def pack(runs_dir: Path, archive: Path) -> None:
+    """The finished runs (result.json, metrics.jsonl, config.json, run.log) and invocation records, one file."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(runs_dir.iterdir()):
+            if (path / "result.json").exists() or path.name == "_invocations":
+                tar.add(path, arcname=path.name)
+    print(f"{archive}: {archive.stat().st_size / 1e6:.2f} MB")
+
+
+def unpack(runs_dir: Path, archive: Path) -> None:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(runs_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    print(f"{len(load_results(runs_dir))} finished runs in {runs_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile: a table to df 30, then the Cornish-Fisher expansion (error < 1e-3)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """a − b over the seeds both have (dicts seed -> loss): mean, sd, 95% t interval, and a verdict."""
+    seeds = sorted(set(a) & set(b))
+    differences = [a[s] - b[s] for s in seeds]
+    row = dict(seeds=seeds, per_seed=differences, n=len(seeds))
+    if len(seeds) < 2 or not all(map(math.isfinite, differences)):
+        return dict(row, mean=None, ci95=None, verdict="too few finite paired seeds")
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    half = t_quantile_975(len(seeds) - 1) * sd / math.sqrt(len(seeds))
+    verdict = "first lower" if mean + half < 0 else "second lower" if mean - half > 0 else "not resolved"
+    return dict(row, mean=mean, sd=sd, t=mean / (sd / math.sqrt(len(seeds))) if sd > 0 else None,
+                df=len(seeds) - 1, ci95=[mean - half, mean + half], verdict=verdict)
+
+
+def crossing(points: list, target: float):
+    """The smallest x at which the piecewise-linear curve through (x, loss) points (sorted by x) reaches target:
+    ("at", x), ("below_shortest", x0) if it starts at or below, ("not_reached", None) if it never does."""
+    if points[0][1] <= target:
+        return "below_shortest", points[0][0]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y1 <= target:
+            return "at", x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return "not_reached", None
+
+
+def mean_curve(runs: list) -> list:
+    """(step, validation loss averaged over runs) at each step every run evaluated."""
+    curves = [{r["step"]: r["val_loss"] for r in records if "val_loss" in r} for records in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return [(step, statistics.mean(c[step] for c in curves)) for step in steps]
+
+
+def first_step_at_or_below(curve: list, target: float):
     return next((step for step, loss in curve if loss <= target), None)
 
 
-def report(runs_dir: Path) -> dict:
-    best = best_learning_rates(runs_dir)
-    seeds = (SWEEP_SEED, *EXTRA_SEEDS)
-    best_runs = {o: [load_metrics(runs_dir, run_name(o, best[o], s)) for s in seeds] for o in OPTIMIZERS}
-    mean_final = {o: statistics.mean(final_val_loss(r) for r in runs) for o, runs in best_runs.items()}
-    table = dict(protocol=PROTOCOL, learning_rates=LEARNING_RATES, seeds=seeds,
-                 sweep={o: {f"{lr:g}": final_val_loss(load_metrics(runs_dir, run_name(o, lr, SWEEP_SEED)))
-                            for lr in LEARNING_RATES} for o in OPTIMIZERS},  # inf: diverged
-                 best={})
-    for optimizer, runs in best_runs.items():
-        finals = [final_val_loss(r) for r in runs]
-        row = dict(lr=best[optimizer], final_val_loss=finals, mean=mean_final[optimizer],
-                   spread=max(finals) - min(finals),
-                   seconds=[r[-1]["training_seconds"] for r in runs])
-        for reference in ("adamw", "muon"):  # the paper's metric; None: not reached within the budget
-            steps = first_step_at_or_below(mean_curve(runs), mean_final[reference])
-            row[f"steps_to_{reference}_final"] = steps
-            row[f"steps_to_{reference}_final_per_seed"] = [
-                first_step_at_or_below(mean_curve([records]), mean_final[reference]) for records in runs]
-            # "x% fewer steps": the reference's seed-mean curve reaches its own final loss only at the end
-            row[f"fewer_steps_than_{reference}"] = None if steps is None else 1 - steps / PROTOCOL["max_steps"]
-        table["best"][optimizer] = row
-    (RESULTS / "paper_claim.json").write_text(json.dumps(table, indent=2).replace("Infinity", '"diverged"') + "\n")
-    plot(best_runs, best, table)
+# -----------------------------------------------------------------------------
+# Report
+
+
+def seed_losses(results: dict, settings: Run, seeds, fraction=1.0) -> dict:
+    runs = {s: dataclasses.replace(settings, seed=s, fraction=fraction) for s in seeds}
+    return {s: final_loss(results, run) for s, run in runs.items() if final_loss(results, run) is not None}
+
+
+def summarize(losses: dict) -> dict:
+    values = list(losses.values())
+    return dict(per_seed=losses, n=len(values), mean=statistics.mean(values) if values else None,
+                range=[min(values), max(values)] if values else None,
+                sd=statistics.stdev(values) if len(values) > 1 else None)
+
+
+def steps_to_target(results: dict, runs_dir: Path, best: dict, finals: dict) -> dict:
+    """Both measures of how many steps NorMuon (and, for the paper's metric, Muon) needs to reach a reference's
+    seed-mean final loss."""
+    table = {}
+    for reference in ("adamw", "muon"):
+        if finals.get(reference, {}).get("mean") is None:
+            continue
+        target = finals[reference]["mean"]
+        for optimizer in ("muon", "normuon"):
+            runs = [read_metrics(runs_dir / dataclasses.replace(best[optimizer], seed=s).name)
+                    for s in finals[optimizer]["per_seed"]] if optimizer in best and optimizer != reference else []
+            if runs:
+                step = first_step_at_or_below(mean_curve(runs), target)
+                table[f"{optimizer}_to_{reference}_final_paper_metric"] = dict(
+                    target=target, step=step, fewer_steps=None if step is None else 1 - step / PROTOCOL["max_steps"],
+                    per_seed=[first_step_at_or_below(mean_curve([r]), target) for r in runs])
+        if "normuon" in best and reference != "normuon":
+            table[f"normuon_to_{reference}_final_shortened"] = shortened_crossing(results, best["normuon"], target)
     return table
 
 
-def plot(best_runs: dict, best: dict, table: dict) -> None:
+def shortened_crossing(results: dict, settings: Run, target: float) -> dict:
+    """Final loss vs schedule length (seeds that ran every length), and where it crosses target."""
+    lengths = sorted((*FRACTIONS, 1.0))
+    by_length = {f: seed_losses(results, settings, SHORT_SEEDS, f) for f in lengths}
+    seeds = [s for s in SHORT_SEEDS if all(s in by_length[f] for f in lengths)]
+    if not seeds:
+        return dict(target=target, seeds=[], missing="shortened runs")
+    curve = [(f, statistics.mean(by_length[f][s] for s in seeds)) for f in lengths]
+    where, fraction = crossing(curve, target)
+    per_seed = {s: crossing([(f, by_length[f][s]) for f in lengths], target) for s in seeds}
+    return dict(target=target, seeds=seeds, mean_final_by_length=dict(curve), result=where, length=fraction,
+                steps=None if fraction is None else fraction * PROTOCOL["max_steps"],
+                fewer_steps=None if fraction is None else 1 - fraction, per_seed=per_seed)
+
+
+def verdict_line(name_a: str, name_b: str, difference: dict) -> str:
+    if difference["ci95"] is None:
+        return f"{name_a} − {name_b}: {difference['verdict']}"
+    low, high = difference["ci95"]
+    meaning = {"first lower": f"{name_a} lower", "second lower": f"{name_b} lower",
+               "not resolved": f"not resolved: any difference lies within [{low:+.4f}, {high:+.4f}]"}
+    return (f"{name_a} − {name_b} final val loss: {difference['mean']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] "
+            f"(n = {difference['n']} paired seeds): {meaning[difference['verdict']]}")
+
+
+def report(runs_dir: Path, out: Path) -> dict:
+    results = load_results(runs_dir)
+    tuning, best = tuning_plan(results)
+    invocations = [json.loads(p.read_text()) for p in sorted((runs_dir / "_invocations").glob("*.json"))]
+    finals = {o: summarize(seed_losses(results, best[o], SEEDS)) for o in best}
+    pairs = [("normuon", "muon"), ("normuon", "adamw"), ("muon", "adamw")]
+    differences = {f"{a}_minus_{b}": paired_difference(finals[a]["per_seed"], finals[b]["per_seed"])
+                   for a, b in pairs if a in finals and b in finals}
+    summary = [verdict_line(a, b, differences[f"{a}_minus_{b}"]) for a, b in pairs if f"{a}_minus_{b}" in differences]
+    parameters = invocations[-1]["parameters"] if invocations else None
+    table = dict(
+        summary=summary, seeds=list(SEEDS), train_tokens=TRAIN_TOKENS,
+        ci95_normuon_minus_muon=differences.get("normuon_minus_muon", {}).get("ci95"),
+        gpu=sorted({i["device"] for i in invocations}), torch=sorted({i["torch"] for i in invocations}),
+        dates=sorted({i["date"][:10] for i in invocations}), commands=[i["command"] for i in invocations],
+        device_seconds=sum(i["wall_seconds"] for i in invocations),
+        protocol=dict(PROTOCOL, tokens_per_step=TOKENS_PER_STEP, train_tokens=TRAIN_TOKENS, parameters=parameters,
+                      tokens_per_parameter=parameters and TRAIN_TOKENS / parameters,
+                      corpus_train_tokens=invocations[-1]["corpus_train_tokens"] if invocations else None,
+                      tune_seed=TUNE_SEED, seeds=list(SEEDS), shortened_seeds=list(SHORT_SEEDS),
+                      shortened_lengths=list(FRACTIONS), lr_grid_initial={o: [grid_lr(k) for k in sorted(ks)]
+                                                                          for o, ks in INITIAL_GRID.items()},
+                      defaults=DEFAULTS, adamw_knobs=ADAMW_KNOBS),
+        tuning={o: {r.name: final_loss(results, r) for r in tuning if r.optimizer == o} for o in OPTIMIZERS},
+        best_settings={o: dict(dataclasses.asdict(run), warmup_steps=run.warmup_steps, grid_edge=lr_at_edge(run, results))
+                       for o, run in best.items()},
+        final_val_loss=finals, paired_differences=differences,
+        steps_to_target=steps_to_target(results, runs_dir, best, finals),
+        missing=[r.name for r in needed_runs("all", results) if r.name not in results])
+    out.with_suffix(".json").write_text(json.dumps(table, indent=2, default=str).replace("Infinity", '"diverged"') + "\n")
+    plot(results, runs_dir, best, table, out.with_suffix(".png"))
+    return table
+
+
+def lr_at_edge(run: Run, results: dict) -> bool:
+    """Whether the chosen lr is still the lowest or highest of its finished grid (the grid cap was reached)."""
+    grid, _ = lr_grid(run.optimizer, results)
+    return run.lr in (min(r.lr for r in grid), max(r.lr for r in grid))
+
+
+COLORS = dict(adamw="tab:blue", muon="tab:orange", normuon="tab:green")
+
+
+def plot(results: dict, runs_dir: Path, best: dict, table: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(adamw="tab:blue", muon="tab:orange", normuon="tab:green")
-    figure, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for optimizer, runs in best_runs.items():
-        for index, records in enumerate(runs):
-            evaluated = [r for r in records if "val_loss" in r]
-            label = f"{optimizer} (lr {best[optimizer]:g})" if index == 0 else None
-            steps, losses = [r["step"] for r in evaluated], [r["val_loss"] for r in evaluated]
-            axes[0].plot(steps, losses, color=colors[optimizer], alpha=0.8, lw=1, label=label)
-            axes[1].plot([r["training_seconds"] for r in evaluated], losses, color=colors[optimizer], alpha=0.8,
-                         lw=1, label=label)
-        finite = {float(lr): loss for lr, loss in table["sweep"][optimizer].items() if loss != float("inf")}
-        axes[2].plot(list(finite), list(finite.values()), "o-", color=colors[optimizer], label=optimizer)
-    finals = [final_val_loss(records) for runs in best_runs.values() for records in runs]
-    for axis in axes[:2]:
-        axis.axhline(table["best"]["adamw"]["mean"], color="gray", ls=":", lw=1, label="AdamW's final (mean)")
-        axis.set_ylim(min(finals) - 0.02, max(finals) + 0.4)  # the end of training, where the optimizers differ
+    figure, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    plot_curves(axes[0], runs_dir, best, table["final_val_loss"])
+    plot_lengths(axes[1, 0], results, best, table["final_val_loss"])
+    plot_tuning(axes[1, 1], results)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_curves(axes, runs_dir: Path, best: dict, finals: dict) -> None:
+    """Validation loss vs step and vs training time of every reporting seed at each optimizer's settings."""
+    for optimizer, settings in best.items():
+        for index, seed in enumerate(finals[optimizer]["per_seed"]):
+            evaluated = [r for r in read_metrics(runs_dir / dataclasses.replace(settings, seed=seed).name)
+                         if "val_loss" in r]
+            label = f"{optimizer} (lr {settings.lr:g})" if index == 0 else None
+            for axis, x in zip(axes, ("step", "training_seconds")):
+                axis.plot([r[x] for r in evaluated], [r["val_loss"] for r in evaluated], color=COLORS[optimizer],
+                          lw=1, alpha=0.7, label=label)
+    means = [f["mean"] for f in finals.values() if f["mean"] is not None]
+    for axis in axes:
+        for optimizer, final in finals.items():
+            if final["mean"] is not None:
+                axis.axhline(final["mean"], color=COLORS[optimizer], ls=":", lw=1)
+        if means:
+            axis.set_ylim(min(means) - 0.05, max(means) + 0.35)  # the end of training, where they differ
         axis.set_ylabel("validation loss (nats per byte)")
         axis.legend()
-    axes[0].set(title="Best learning rate of each optimizer, 3 seeds", xlabel="step")
-    axes[1].set(title="The same runs against training time", xlabel="seconds of training (no evaluation)")
-    axes[2].set(title="Learning-rate sweep (seed 1337; diverged runs left out)", xlabel="lr of the hidden matrices",
-                ylabel="final validation loss", xscale="log")
-    axes[2].legend()
-    figure.tight_layout()
-    figure.savefig(RESULTS / "paper_claim.png", dpi=110)
+    axes[0].set(title=f"Tuned settings, seeds {SEEDS[0]}..{SEEDS[-1]} (dotted: mean final)", xlabel="step")
+    axes[1].set(title="The same runs against training time (processes sharing one GPU)", xlabel="seconds")
+
+
+def plot_lengths(axis, results: dict, best: dict, finals: dict) -> None:
+    """NorMuon's final loss vs its schedule length, one line per seed, and the references' mean final losses."""
+    lengths = sorted((*FRACTIONS, 1.0))
+    for seed in SHORT_SEEDS if "normuon" in best else ():
+        points = [(f, seed_losses(results, best["normuon"], [seed], f).get(seed)) for f in lengths]
+        points = [(f, loss) for f, loss in points if loss is not None and math.isfinite(loss)]
+        axis.plot([f for f, _ in points], [loss for _, loss in points], "o-", color=COLORS["normuon"], alpha=0.6,
+                  lw=1, label="normuon" if seed == SHORT_SEEDS[0] else None)
+    for reference in ("adamw", "muon"):
+        if finals.get(reference, {}).get("mean") is not None:
+            axis.axhline(finals[reference]["mean"], color=COLORS[reference], ls="--", lw=1,
+                         label=f"{reference}: mean final, full schedule")
+    axis.set(title=f"NorMuon: final loss vs schedule length, seeds {SHORT_SEEDS[0]}..{SHORT_SEEDS[-1]}",
+             xlabel="steps, relative to the full schedule", ylabel="final validation loss")
+    axis.legend()
+
+
+def plot_tuning(axis, results: dict) -> None:
+    """Final loss vs lr of each optimizer's grid at the tuning seed; AdamW's other knobs as crosses."""
+    for optimizer in OPTIMIZERS:
+        points = sorted((run.lr, final_loss(results, run)) for run in lr_grid(optimizer, results)[0])
+        points = [(lr, loss) for lr, loss in points if loss is not None and math.isfinite(loss)]
+        axis.plot([lr for lr, _ in points], [loss for _, loss in points], "o-", color=COLORS[optimizer],
+                  label=optimizer)
+    knobs = [(run.lr, final_loss(results, run)) for run in tuning_plan(results)[0] if run.optimizer == "adamw"
+             and (run.adamw_lr, run.warmup, run.grad_clip) != tuple(DEFAULTS.values())]
+    knobs = [(lr, loss) for lr, loss in knobs if loss is not None and math.isfinite(loss)]
+    axis.plot([lr for lr, _ in knobs], [loss for _, loss in knobs], "x", color=COLORS["adamw"],
+              label="adamw, other knobs at its best lr")
+    axis.set(title=f"Tuning (seed {TUNE_SEED}; diverged runs left out)", xlabel="lr of the hidden matrices",
+             ylabel="final validation loss", xscale="log")
+    axis.legend()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("--runs_dir", type=Path, default=RESULTS / "paper_claim",
-                        help="where each run's metrics.jsonl is kept")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("command", choices=["run", "pack", "unpack", "report"])
+    parser.add_argument("archive", nargs="?", type=Path, help="pack/unpack: the .tar file")
+    parser.add_argument("--phase", choices=["tune", "report", "all"], default="all")
+    parser.add_argument("--deadline_minutes", type=float, default=8.0, help="run: stop starting and kill runs then")
+    parser.add_argument("--parallel", type=int, default=8, help="run: train_gpt.py processes at a time")
+    parser.add_argument("--assumed_tokens_per_second", type=float, default=2.0e6 if not TINY else 5e3,
+                        help="run: all processes together, until measured (for the deadline)")
+    parser.add_argument("--runs_dir", type=Path, default=RUNS_DIR)
     args = parser.parse_args()
+    if args.command in ("pack", "unpack") and args.archive is None:
+        parser.error(f"{args.command} needs the archive's path")
     if args.command == "run":
-        run(args.runs_dir)
-    print(json.dumps(report(args.runs_dir)["best"], indent=2))
+        run_phase(args.phase, args.runs_dir, args.deadline_minutes, args.parallel, args.assumed_tokens_per_second)
+    elif args.command == "pack":
+        pack(args.runs_dir, args.archive)
+    elif args.command == "unpack":
+        unpack(args.runs_dir, args.archive)
+    else:
+        table = report(args.runs_dir, REPORT)
+        print(json.dumps(dict(summary=table["summary"], final_val_loss=table["final_val_loss"],
+                              steps_to_target=table["steps_to_target"], missing=table["missing"]), indent=1,
+                         default=str))
 
 
 if __name__ == "__main__":
