@@ -170,7 +170,7 @@ def apply_update(weights: list, orthogonal: Tensor, neuron_factors: Tensor, layo
     (η̂_t / η) / (sqrt(v_i) + ε), or (B, 1) = η̂_t / η for Muon. D is computed in fp32."""
     direction = from_matrices(as_matrices(orthogonal, layout) * neuron_factors[..., None], layout, orthogonal.shape)
     for weight, update in zip(weights, direction.unbind(0)):
-        weight.mul_(1 - lr * weight_decay).sub_(update.to(weight.dtype), alpha=lr)
+        weight.mul_(1 - lr * weight_decay).sub_(lr * update.to(weight.dtype))
 
 
 def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor, *, momentum: float = 0.95,
@@ -305,11 +305,14 @@ class NorMuon(torch.optim.Optimizer):
         weights = [local(p) for p in params]
         rows, columns = as_matrices(torch.empty((1, *params[0].shape), device="meta"), layout).shape[-2:]  # full (m, n)
         compiled = _compiled if (self.compile if self.compile is not None else weights[0].is_cuda) else (lambda f: f)
+        # Speed: hyperparameters as 0-D tensors, so a schedule that changes them does not recompile.
+        lr, weight_decay, momentum = (torch.tensor(float(group[name]), dtype=torch.float64)
+                                      for name in ("lr", "weight_decay", "momentum"))
 
         # 1. Momentum, locally (line 2).
         update = compiled(momentum_update)([local(p.grad) for p in params],
                                            [local(self.state[p]["momentum_buffer"]) for p in params],
-                                           group["momentum"], group["nesterov"])           # (K, rows here, ...) bf16
+                                           momentum, group["nesterov"])                    # (K, rows here, ...) bf16
         # 2-5. Newton–Schulz (line 3): on one device here; sharded, once in the job, by each matrix's owner.
         ns_arguments = (group["ns_steps"], group["ns_coefficients"])
         if sharded:
@@ -339,7 +342,7 @@ class NorMuon(torch.optim.Optimizer):
             torch._foreach_copy_(moments, list(second_moment.view(len(params), *moments[0].shape).unbind(0)))
 
         # 7. The update, locally (line 7).
-        compiled(apply_update)(weights, orthogonal, factors, layout, float(group["lr"]), group["weight_decay"])
+        compiled(apply_update)(weights, orthogonal, factors, layout, lr, weight_decay)
 
 
 def _orthogonalize_on_owners(update: Tensor, shape, layout: str, owners: list, process_group, ns_arguments) -> Tensor:
@@ -389,10 +392,17 @@ _COMPILED = {}
 
 
 def _compiled(function):
-    """Speed: ``function`` under torch.compile (its element-wise work fused into a few kernels that
-    read and write each tensor once). The same function runs eagerly where compilation is off."""
+    """Speed: ``function`` under torch.compile: its element-wise work fused into a few kernels that read
+    and write each tensor once. Static shapes (the fastest kernels): one compilation per bucket shape,
+    so the recompilation limit is raised for these calls only. The same function runs eagerly where
+    compilation is off."""
     if function not in _COMPILED:
-        _COMPILED[function] = torch.compile(function, fullgraph=True)
+        compiled = torch.compile(function, dynamic=False)
+
+        def call(*args):
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return compiled(*args)
+        _COMPILED[function] = call
     return _COMPILED[function]
 
 

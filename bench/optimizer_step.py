@@ -2,7 +2,8 @@
 
     python bench/optimizer_step.py                 # writes bench/results/optimizer_step.json
 
-For torch.optim.AdamW(fused=True), torch.optim.Muon, our NorMuon and our Muon (normalize=False):
+For torch.optim.AdamW(fused=True), torch.optim.Muon, our NorMuon (element-wise stages compiled, the
+default on CUDA, and not), and our Muon (normalize=False):
 median step time over 30 steps after 5 warm-up steps (CUDA events, fp32 parameters, fresh random
 gradients), the Newton–Schulz FLOPs per step, the TFLOP/s that implies, the bf16 matmul rate of
 this GPU measured in the same run (8192³), and optimizer-state bytes per parameter byte.
@@ -31,6 +32,7 @@ OPTIMIZERS = {
     "AdamW (torch, fused)": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True),
     "Muon (torch)": lambda params: torch.optim.Muon(params, lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
     "NorMuon (ours)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1),
+    "NorMuon (ours, compile=False)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, compile=False),
     "Muon (ours, normalize=False)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, normalize=False),
 }
 
@@ -69,6 +71,8 @@ def time_optimizer(make_optimizer, shapes, warmup: int, repeats: int):
     def step():
         for p, g in zip(params, gradients[calls[0] % 2]):
             p.grad = g
+        for group in optimizer.param_groups:  # a schedule changes lr every step: that must not recompile
+            group["lr"] = 1e-3 * (1 + calls[0] % 7) / 7
         optimizer.step()
         calls[0] += 1
 
