@@ -94,6 +94,7 @@ sys.path.insert(0, str(ROOT))
 
 TINY = os.environ.get("PAPER_CLAIM_TINY") == "1"
 OPTIMIZERS = ("adamw", "muon", "normuon")
+NAMES = dict(adamw="AdamW", muon="Muon", normuon="NorMuon")
 TUNE_SEED, SEEDS, SHORT_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3)
 FRACTIONS = (0.9, 0.8, 0.5)  # shortened NorMuon schedules, in the order they are run
 MAX_GRID_POINTS = 8
@@ -383,6 +384,7 @@ def per_process_rate(active: dict, ended: list, prior: float) -> float:
 
 
 def run_phase(phase: str, runs_dir: Path, deadline_minutes: float, parallel: int, assumed_tokens_per_second: float):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # e.g. `timeout`: still stop the runs and record
     started, info = time.monotonic(), preflight()
     deadline = started + 60 * deadline_minutes
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -549,7 +551,8 @@ def shortened_crossing(results: dict, settings: Run, target: float) -> dict:
                 fewer_steps=None if fraction is None else 1 - fraction, per_seed=per_seed)
 
 
-def verdict_line(name_a: str, name_b: str, difference: dict) -> str:
+def verdict_line(a: str, b: str, difference: dict) -> str:
+    name_a, name_b = NAMES[a], NAMES[b]
     if difference["ci95"] is None:
         return f"{name_a} − {name_b}: {difference['verdict']}"
     low, high = difference["ci95"]
@@ -572,9 +575,12 @@ def report(runs_dir: Path, out: Path) -> dict:
     table = dict(
         summary=summary, seeds=list(SEEDS), train_tokens=TRAIN_TOKENS,
         ci95_normuon_minus_muon=differences.get("normuon_minus_muon", {}).get("ci95"),
-        gpu=sorted({i["device"] for i in invocations}), torch=sorted({i["torch"] for i in invocations}),
-        dates=sorted({i["date"][:10] for i in invocations}), commands=[i["command"] for i in invocations],
-        device_seconds=sum(i["wall_seconds"] for i in invocations),
+        gpu=", ".join(sorted({i["device"] for i in invocations})),
+        torch=", ".join(sorted({i["torch"] for i in invocations})),
+        date=", ".join(sorted({i["date"][:10] for i in invocations})),
+        commands=[dict(command=i["command"], date=i["date"], wall_seconds=round(i["wall_seconds"]),
+                       runs_ended=len(i["runs_ended"]), runs_killed=len(i["runs_killed"])) for i in invocations],
+        device_seconds=round(sum(i["wall_seconds"] for i in invocations)),
         protocol=dict(PROTOCOL, tokens_per_step=TOKENS_PER_STEP, train_tokens=TRAIN_TOKENS, parameters=parameters,
                       tokens_per_parameter=parameters and TRAIN_TOKENS / parameters,
                       corpus_train_tokens=invocations[-1]["corpus_train_tokens"] if invocations else None,
@@ -588,7 +594,8 @@ def report(runs_dir: Path, out: Path) -> dict:
         final_val_loss=finals, paired_differences=differences,
         steps_to_target=steps_to_target(results, runs_dir, best, finals),
         missing=[r.name for r in needed_runs("all", results) if r.name not in results])
-    out.with_suffix(".json").write_text(json.dumps(table, indent=2, default=str).replace("Infinity", '"diverged"') + "\n")
+    text = json.dumps(table, indent=2, default=str, ensure_ascii=False).replace("Infinity", '"diverged"')
+    out.with_suffix(".json").write_text(text + "\n")
     plot(results, runs_dir, best, table, out.with_suffix(".png"))
     return table
 
@@ -622,7 +629,7 @@ def plot_curves(axes, runs_dir: Path, best: dict, finals: dict) -> None:
         for index, seed in enumerate(finals[optimizer]["per_seed"]):
             evaluated = [r for r in read_metrics(runs_dir / dataclasses.replace(settings, seed=seed).name)
                          if "val_loss" in r]
-            label = f"{optimizer} (lr {settings.lr:g})" if index == 0 else None
+            label = f"{NAMES[optimizer]} (lr {settings.lr:g})" if index == 0 else None
             for axis, x in zip(axes, ("step", "training_seconds")):
                 axis.plot([r[x] for r in evaluated], [r["val_loss"] for r in evaluated], color=COLORS[optimizer],
                           lw=1, alpha=0.7, label=label)
@@ -646,11 +653,11 @@ def plot_lengths(axis, results: dict, best: dict, finals: dict) -> None:
         points = [(f, seed_losses(results, best["normuon"], [seed], f).get(seed)) for f in lengths]
         points = [(f, loss) for f, loss in points if loss is not None and math.isfinite(loss)]
         axis.plot([f for f, _ in points], [loss for _, loss in points], "o-", color=COLORS["normuon"], alpha=0.6,
-                  lw=1, label="normuon" if seed == SHORT_SEEDS[0] else None)
+                  lw=1, label="NorMuon" if seed == SHORT_SEEDS[0] else None)
     for reference in ("adamw", "muon"):
         if finals.get(reference, {}).get("mean") is not None:
             axis.axhline(finals[reference]["mean"], color=COLORS[reference], ls="--", lw=1,
-                         label=f"{reference}: mean final, full schedule")
+                         label=f"{NAMES[reference]}: mean final, full schedule")
     axis.set(title=f"NorMuon: final loss vs schedule length, seeds {SHORT_SEEDS[0]}..{SHORT_SEEDS[-1]}",
              xlabel="steps, relative to the full schedule", ylabel="final validation loss")
     axis.legend()
@@ -662,12 +669,12 @@ def plot_tuning(axis, results: dict) -> None:
         points = sorted((run.lr, final_loss(results, run)) for run in lr_grid(optimizer, results)[0])
         points = [(lr, loss) for lr, loss in points if loss is not None and math.isfinite(loss)]
         axis.plot([lr for lr, _ in points], [loss for _, loss in points], "o-", color=COLORS[optimizer],
-                  label=optimizer)
+                  label=NAMES[optimizer])
     knobs = [(run.lr, final_loss(results, run)) for run in tuning_plan(results)[0] if run.optimizer == "adamw"
              and (run.adamw_lr, run.warmup, run.grad_clip) != tuple(DEFAULTS.values())]
     knobs = [(lr, loss) for lr, loss in knobs if loss is not None and math.isfinite(loss)]
     axis.plot([lr for lr, _ in knobs], [loss for _, loss in knobs], "x", color=COLORS["adamw"],
-              label="adamw, other knobs at its best lr")
+              label="AdamW, other knobs at its best lr")
     axis.set(title=f"Tuning (seed {TUNE_SEED}; diverged runs left out)", xlabel="lr of the hidden matrices",
              ylabel="final validation loss", xscale="log")
     axis.legend()
@@ -697,7 +704,7 @@ def main():
         table = report(args.runs_dir, REPORT)
         print(json.dumps(dict(summary=table["summary"], final_val_loss=table["final_val_loss"],
                               steps_to_target=table["steps_to_target"], missing=table["missing"]), indent=1,
-                         default=str))
+                         default=str, ensure_ascii=False))
 
 
 if __name__ == "__main__":
