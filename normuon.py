@@ -28,9 +28,9 @@ Under FSDP2 every parameter is a DTensor sharded by dim 0, and ``NorMuon.step`` 
     3. all_to_all: every rank sends its bf16 shard of each matrix to the matrix's owner
     4. each owner runs one batched Newton–Schulz on its full matrices                   (line 3)
     5. all_to_all: owners send each rank its shard of the result, bf16
-    6. per-neuron statistics locally; one all-reduce of either the per-neuron sums (a shard that
-       splits every neuron: (in, out) weights) or the two norms per matrix (a shard of whole
-       neurons); nothing for whole experts                                             (lines 4-6)
+    6. each rank sums O_ij² over the row (or row slice) of each neuron it holds; one all-reduce of
+       these m numbers per matrix; every rank then updates the same replicated v and computes the
+       same scale, and keeps the factors of its own rows                               (lines 4-6)
     7. the update, locally                                                              (line 7)
 So every matrix is orthogonalized once in the job, and the result equals the single-device one.
 """
@@ -163,6 +163,22 @@ def update_scale(shape, adjust_lr_fn: str, normalize: bool, square_norms: Tensor
     return orthogonal_norm / normalized_norm * math.sqrt(max(1.0, rows / columns))
 
 
+def neuron_factors(square_sums: Tensor, second_moments: list, shape, beta2, eps, adjust_lr_fn: str) -> Tensor:
+    """Lines 4-6 from the per-neuron sums Σ_j O_ij² (B, m) of whole (m, n) matrices: updates each of
+    ``second_moments`` (K tensors, B·m numbers together) in place and returns each neuron's factor
+    (η̂_t / η) / (sqrt(v_i) + ε) (B, m), by which its row of O_t is multiplied."""
+    rows, columns = shape
+    second_moment = torch.stack(second_moments).view_as(square_sums)
+    update_second_moment(second_moment, square_sums / columns, beta2)                     # line 4
+    divisors = neuron_divisors(second_moment, eps)                                        # line 5
+    # ||O_t||² and ||Ô_t||² from per-row numbers alone (row i of Ô_t is O_t,i / divisor_i): no pass over O_t.
+    square_norms = torch.stack([square_sums.sum(-1), (square_sums / divisors.square()).sum(-1)], -1)
+    scale = update_scale((rows, columns), adjust_lr_fn, True, square_norms)               # line 6
+    for moment, new in zip(second_moments, second_moment.view(len(second_moments), *second_moments[0].shape)):
+        moment.copy_(new)
+    return scale[:, None] / divisors
+
+
 def apply_update(weights: list, orthogonal: Tensor, neuron_factors: Tensor, layout: str, lr: float,
                  weight_decay: float) -> None:
     """Line 7, in place on K same-shape weights: W_t = (1 - η λ) W_{t-1} - η D, where D is O_t
@@ -186,12 +202,8 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
     if not normalize:
         factors = torch.full((orthogonal.size(0), 1), update_scale(shape, adjust_lr_fn, normalize=False))
     else:
-        square_sums = neuron_square_sums(orthogonal)                          # (B, m)
-        moment = second_moment.view(-1, shape[0])
-        update_second_moment(moment, square_sums / shape[1], beta2)            # line 4
-        divisors = neuron_divisors(moment, eps)                               # line 5
-        square_norms = torch.stack([square_sums.sum(-1), (square_sums / divisors.square()).sum(-1)], -1)
-        factors = update_scale(shape, adjust_lr_fn, True, square_norms)[:, None] / divisors  # line 6
+        factors = neuron_factors(neuron_square_sums(orthogonal), list(second_moment.view(-1, shape[0])), shape,
+                                 beta2, eps, adjust_lr_fn)
     return (orthogonal * factors[..., None].to(orthogonal.device)).reshape(grad.shape)
 
 
@@ -306,8 +318,8 @@ class NorMuon(torch.optim.Optimizer):
         rows, columns = as_matrices(torch.empty((1, *params[0].shape), device="meta"), layout).shape[-2:]  # full (m, n)
         compiled = _compiled if (self.compile if self.compile is not None else weights[0].is_cuda) else (lambda f: f)
         # Speed: hyperparameters as 0-D tensors, so a schedule that changes them does not recompile.
-        lr, weight_decay, momentum = (torch.tensor(float(group[name]), dtype=torch.float64)
-                                      for name in ("lr", "weight_decay", "momentum"))
+        lr, weight_decay, momentum, beta2, eps = (torch.tensor(float(group[name]), dtype=torch.float64)
+                                                  for name in ("lr", "weight_decay", "momentum", "beta2", "eps"))
 
         # 1. Momentum, locally (line 2).
         update = compiled(momentum_update)([local(p.grad) for p in params],
@@ -321,25 +333,26 @@ class NorMuon(torch.optim.Optimizer):
         else:
             orthogonal = from_matrices(newton_schulz(as_matrices(update, layout), *ns_arguments), layout, update.shape)
 
-        # 6. Per-neuron statistics and the matrix scale (lines 4-6).
+        # 6. Per-neuron statistics and the matrix scale (lines 4-6). Sharded: each rank puts the sums of
+        #    the rows (or, for (in, out) weights, row slices) it holds into the full (B, m), one
+        #    all-reduce completes them, and every rank computes the same factors from the same
+        #    (replicated) second moment, then keeps those of its own rows.
         if not group["normalize"]:  # plain Muon: one scale per matrix
             factors = torch.full((as_matrices(orthogonal, layout).size(0), 1),
                                  update_scale((rows, columns), group["adjust_lr_fn"], normalize=False),
                                  device=orthogonal.device)
         else:
-            square_sums = neuron_square_sums(as_matrices(orthogonal, layout))  # (B, neurons here)
-            if sharded and layout == "in_out":  # each rank holds a slice of every neuron's inputs
-                dist.all_reduce(square_sums, group=params[0].device_mesh.get_group())
-            moments = [local(self.state[p]["second_moment"]) for p in params]
-            second_moment = torch.stack(moments).view_as(square_sums)
-            update_second_moment(second_moment, square_sums / columns, group["beta2"])    # line 4
-            divisors = neuron_divisors(second_moment, group["eps"])                      # line 5
-            square_norms = torch.stack([square_sums.sum(-1), (square_sums / divisors.square()).sum(-1)], -1)
-            if sharded and layout in ("out_in", "conv"):  # each rank holds some neurons of every matrix
-                dist.all_reduce(square_norms, group=params[0].device_mesh.get_group())
-            scale = update_scale((rows, columns), group["adjust_lr_fn"], True, square_norms)  # line 6
-            factors = scale[:, None] / divisors
-            torch._foreach_copy_(moments, list(second_moment.view(len(params), *moments[0].shape).unbind(0)))
+            square_sums = neuron_square_sums(as_matrices(orthogonal, layout))  # (B here, neurons here)
+            local_shape, mine = square_sums.shape, slice(None)
+            if sharded:
+                mine = _local_neurons(params[0], layout)
+                full = square_sums.new_zeros((len(params), *_neuron_shape(params[0].shape, layout)))
+                full[:, mine] = square_sums.view_as(full[:, mine])
+                dist.all_reduce(full, group=params[0].device_mesh.get_group())
+                square_sums = full.view(-1, rows)
+            factors = compiled(neuron_factors)(square_sums, [local(self.state[p]["second_moment"]) for p in params],
+                                               (rows, columns), beta2, eps, group["adjust_lr_fn"])
+            factors = factors.view(len(params), *_neuron_shape(params[0].shape, layout))[:, mine].reshape(local_shape)
 
         # 7. The update, locally (line 7).
         compiled(apply_update)(weights, orthogonal, factors, layout, lr, weight_decay)
@@ -467,22 +480,28 @@ def _same_shape_buckets(group: dict) -> list:
     return sorted(buckets.values(), key=lambda bucket: -bucket[0].numel())
 
 
-def _zeros_per_neuron(param: Tensor, layout: str) -> Tensor:
-    """The second moment's zeros, fp32 whatever the parameter's dtype: (out,), or (E, out) for experts.
-    Sharded like the parameter's dim 0, except for an (in, out) weight, whose every shard has a slice
-    of every neuron: there each rank keeps all of v (replicated, and updated identically)."""
-    neuron_shape = {"out_in": param.shape[:1], "conv": param.shape[:1], "in_out": param.shape[1:],
-                    "experts_out_in": param.shape[:2], "experts_in_out": param.shape[::2]}[layout]
-    if not isinstance(param, DTensor):
-        return torch.zeros(neuron_shape, dtype=torch.float32, device=param.device)
-    local = param.to_local()
+def _neuron_shape(shape, layout: str) -> tuple:
+    """The shape of a parameter's output neurons: (out,), or (E, out) for experts."""
+    return {"out_in": shape[:1], "conv": shape[:1], "in_out": shape[1:],
+            "experts_out_in": shape[:2], "experts_in_out": shape[::2]}[layout]
+
+
+def _local_neurons(param: DTensor, layout: str) -> slice:
+    """Which of the neurons' first axis this rank's dim-0 shard holds: all of it for (in, out)
+    weights (their shards split every neuron), else the shard's rows (or experts)."""
     if layout == "in_out":
-        return DTensor.from_local(torch.zeros(neuron_shape, dtype=torch.float32, device=local.device),
-                                  param.device_mesh, [Replicate()], run_check=False)
-    local_shape = (local.shape[0], *neuron_shape[1:])
-    return DTensor.from_local(torch.zeros(local_shape, dtype=torch.float32, device=local.device), param.device_mesh,
-                              [Shard(0)], run_check=False, shape=neuron_shape,
-                              stride=torch.empty(neuron_shape, device="meta").stride())
+        return slice(None)
+    chunk = -(-param.shape[0] // param.device_mesh.size())
+    start = min(param.shape[0], chunk * param.device_mesh.get_local_rank())
+    return slice(start, start + param.to_local().shape[0])
+
+
+def _zeros_per_neuron(param: Tensor, layout: str) -> Tensor:
+    """The second moment's zeros, fp32 whatever the parameter's dtype (v ~ 1/max(m, n) underflows fp16).
+    Under FSDP2 every rank keeps all of it (replicated: m numbers per matrix), updated identically."""
+    local = param.to_local() if isinstance(param, DTensor) else param
+    zeros = torch.zeros(_neuron_shape(param.shape, layout), dtype=torch.float32, device=local.device)
+    return DTensor.from_local(zeros, param.device_mesh, [Replicate()], run_check=False) if isinstance(param, DTensor) else zeros
 
 
 # -----------------------------------------------------------------------------
