@@ -586,9 +586,9 @@ def sha256(path: Path) -> str:
 
 
 def save_checkpoint(directory: Path, model, optimizers, trainer: dict, keep) -> Path:
-    """Save atomically, and verifiably: DCP writes step_N.tmp/, then rank 0 records every file's size and
-    sha256 in its manifest.json (what a resume checks) and renames it to step_N. Only then are older
-    checkpoints removed, except keep (the previous good one, for when this one is found corrupt later)."""
+    """Save atomically, and verifiably: DCP writes step_N.tmp/, then rank 0 records every file's sha256 in its
+    manifest.json (what a resume checks) and renames it to step_N. Only then are older checkpoints removed,
+    except keep (the previous good one, for when this one is found corrupt later)."""
     final = directory / f"step_{int(trainer['step']):06d}"
     temporary = final.with_suffix(".tmp")
     model_state, optimizer_state = get_state_dict(model, optimizers)
@@ -621,7 +621,8 @@ def checkpoint_problem(path: Path):
 
 def newest_good_checkpoint(directory: Path):
     """The newest checkpoint whose files verify, saying why any newer one is skipped; None if there is none."""
-    for path in sorted((p for p in directory.glob("step_*") if p.suffix != ".tmp"), key=lambda p: -int(p.name[5:])):
+    complete = (p for p in directory.glob("step_*") if p.suffix != ".tmp")
+    for path in sorted(complete, key=lambda p: -int(p.name[5:])):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
@@ -687,13 +688,12 @@ def start_or_resume(config: TrainConfig, model_config: GPTConfig, run_dir: Path,
             raise UserError(f"--resume: the run is at step {step}, --max_steps is {config.max_steps}; pass a "
                             "larger --max_steps to train it longer.")
         print(f"resuming {run_dir} at step {step}" + (f" from {checkpoint}" if checkpoint else " (no checkpoint yet)"))
-        ignored = ("resume", "nproc_per_node")
         changes = [f"--{k} {v} (was {saved['train'][k]})" for k, v in settings["train"].items()
-                   if k not in ignored and saved["train"].get(k) != v]
+                   if k not in ("resume", "nproc_per_node") and saved["train"].get(k) != v]
         if changes:
             print(f"changed flags: {', '.join(changes)}")
         old = (saved["train"]["warmup_steps"], saved["train"]["max_steps"])
-        if old != (config.warmup_steps, config.max_steps):
+        if old != (config.warmup_steps, config.max_steps):  # an extended run: its lr follows the new schedule
             print(f"the learning-rate schedule now ends at step {config.max_steps}: at step {step} the lr is "
                   f"{learning_rate_factor(step, config.warmup_steps, config.max_steps):.3f} x its peak "
                   f"(the run's earlier schedule: {learning_rate_factor(step, *old):.3f})")
@@ -847,7 +847,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                 trainer = dict(step=torch.tensor(done), data_position=torch.tensor(train_loader.position),
                                training_seconds=torch.tensor(training_seconds, dtype=torch.float64))
                 kept = save_checkpoint(run_dir / "checkpoints", model, optimizers, trainer, keep=kept)
-            if stopping:
+            if stopping and not last:  # (a signal during the last step lets the run finish)
                 signal_number = stop[0] if stop else signal.SIGTERM  # another rank's: torchrun sends them all one
                 interrupted = Interrupted(f"stopped by {signal.Signals(signal_number).name} after step {done}: saved "
                                           f"{kept}; continue with the same command and --resume.")
@@ -889,8 +889,8 @@ def main():
             check_config(config, config.nproc_per_node)  # flag errors at once, before any process starts
             sys.exit(launch(config.nproc_per_node, sys.argv[1:]))
         train(config)
-    except KeyboardInterrupt:  # before the first step (the loop saves and stops by itself): nothing to save
-        print("interrupted before training started: nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (which saves and stops by itself): nothing to save
+        print("interrupted outside the training loop: nothing to save", file=sys.stderr)
         sys.exit(130)
     except UserError as error:
         if int(os.environ.get("RANK", 0)) == 0:

@@ -385,11 +385,12 @@ def test_sigint_under_torchrun_saves_on_every_rank_and_resumes_on_1_and_3_proces
 # Bad input: one clear line, last, and a non-zero exit code (also with 2 processes)
 
 
-def test_errors_are_the_last_line_printed_with_2_processes(workdir, runs):
-    result = run(workdir, *SMALL_RUN, "--data", "corpus.txt", "--max_steps", str(STEPS), "--run_name", "normuon-2",
-                 processes=2, expect_ok=False)
+def test_errors_are_the_last_line_printed_with_2_processes(workdir):
+    train_gpt.train(small_config(workdir, "exists", max_steps=1, warmup_steps=0))
+    result = run(workdir, *SMALL_RUN, "--data", "corpus.txt", "--max_steps", "1", "--warmup_steps", "0",
+                 "--run_name", "exists", processes=2, expect_ok=False)  # found after loading data and model
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: out/normuon-2 holds a run already")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: out/exists holds a run already")
     result = run(workdir, "--optimizer", "sgd", processes=2, expect_ok=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: --optimizer must be one of normuon, muon, adamw, got 'sgd'."]
