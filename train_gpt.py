@@ -771,7 +771,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
     tracked = tracked_matrices(model)
     shown = next(name for name in tracked if ".mlp.fc" in name)  # the paper's Figure 1 matrix
     print0(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model_config}, "
-           f"{world_size} process(es) on {device.type}, optimizer {config.optimizer}; writing {run_dir}/\n"
+           f"{world_size} process(es) on {device.type}, optimizer {config.optimizer}; data "
+           f"{config.data or Path(config.data_dir) / 'shakespeare'}, writing {run_dir}/\n"
            f"'{shown} update rows': how unequal the row (neuron) norms of that matrix's latest update are, "
            "cv = std/mean and max/min (NorMuon keeps them near 0 and 1; Muon's rows differ more)")
 

@@ -376,9 +376,13 @@ def test_sigint_under_torchrun_saves_on_every_rank_and_resumes_on_1_and_3_proces
     for result in (one, three):
         assert f"{kept[-1]} is corrupt (__1_0.distcp is missing or altered)" in result.stdout
         assert f"at step {previous} from" in result.stdout
-    losses_one, losses_three = train_losses(workdir, "ctrl-c")[previous:], train_losses(workdir, "ctrl-c-3")[previous:]
-    assert len(losses_one) == 5
-    np.testing.assert_allclose(losses_three, losses_one, rtol=0, atol=ONE_VS_TWO_PROCESSES_TOLERANCE)
+    one, three = metrics(workdir, "ctrl-c")[previous:], metrics(workdir, "ctrl-c-3")[previous:]
+    assert [r["step"] for r in one] == [r["step"] for r in three] == list(range(previous + 1, previous + 6))
+    np.testing.assert_allclose([r["train_loss"] for r in three], [r["train_loss"] for r in one], rtol=0,
+                               atol=ONE_VS_TWO_PROCESSES_TOLERANCE)
+    # 3 ranks hold uneven shards of blocks.2.mlp.fc (256 rows): its row norms are still gathered whole
+    cvs = [[r["row_norms"]["blocks.2.mlp.fc"]["cv"] for r in records] for records in (one, three)]
+    np.testing.assert_allclose(cvs[1], cvs[0], rtol=0, atol=1e-2)
 
 
 # -----------------------------------------------------------------------------
