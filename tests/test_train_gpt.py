@@ -380,9 +380,6 @@ def test_sigint_under_torchrun_saves_on_every_rank_and_resumes_on_1_and_3_proces
     assert [r["step"] for r in one] == [r["step"] for r in three] == list(range(previous + 1, previous + 6))
     np.testing.assert_allclose([r["train_loss"] for r in three], [r["train_loss"] for r in one], rtol=0,
                                atol=ONE_VS_TWO_PROCESSES_TOLERANCE)
-    # 3 ranks hold uneven shards of blocks.2.mlp.fc (256 rows): its row norms are still gathered whole
-    cvs = [[r["row_norms"]["blocks.2.mlp.fc"]["cv"] for r in records] for records in (one, three)]
-    np.testing.assert_allclose(cvs[1], cvs[0], rtol=0, atol=1e-2)
 
 
 # -----------------------------------------------------------------------------
