@@ -471,8 +471,6 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list:
     """NorMuon or Muon on the hidden matrices plus AdamW on the rest; or AdamW alone. Every param group keeps
     its peak learning rate as "initial_lr", which the schedule scales."""
     hidden, rest = split_parameters(model, exclude=[model.lm_head])
-    if hidden and not isinstance(hidden[0], dict):  # a split_parameters that returns tensors, not param groups
-        hidden = [dict(params=hidden)]
     adamw_kwargs = dict(betas=(config.adamw_beta1, config.adamw_beta2), eps=1e-8)
     rest_group = dict(params=rest, lr=config.adamw_lr, initial_lr=config.adamw_lr, weight_decay=0.0)
     if config.optimizer == "adamw":
