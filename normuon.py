@@ -14,8 +14,9 @@ whose m rows are the output neurons:
     line 6   η̂_t = 0.2 η sqrt(m n) / ||Ô_t||_F                  update_scale
     line 7   W_t = W_{t-1} - η λ W_{t-1} - η̂_t Ô_t            apply_update
 
-Each line is one pure function below, written for a stack of same-shape matrices (B, m, n); the
-``NorMuon`` optimizer calls exactly these, in this order, for each bucket of same-shape parameters.
+Each line is one pure function below, written for a stack of same-shape matrices (B, m, n);
+``neuron_factors`` chains lines 4-6. The ``NorMuon`` optimizer calls exactly these, in this order, for
+each bucket of same-shape parameters, and ``normuon_update`` chains them for one matrix.
 
 Which axis holds the neurons depends on how a model stores its weights (``LAYOUTS``): nn.Linear keeps
 (out, in), GPT-2's Conv1D (in, out), conv kernels (out, in, *kernel), MoE layers stack experts
@@ -179,12 +180,12 @@ def neuron_factors(square_sums: Tensor, second_moments: list, shape, beta2, eps,
     return scale[:, None] / divisors
 
 
-def apply_update(weights: list, orthogonal: Tensor, neuron_factors: Tensor, layout: str, lr: float,
+def apply_update(weights: list, orthogonal: Tensor, factors: Tensor, layout: str, lr: float,
                  weight_decay: float) -> None:
     """Line 7, in place on K same-shape weights: W_t = (1 - η λ) W_{t-1} - η D, where D is O_t
-    (the stack (K, *shape), bf16) with row i of each matrix times ``neuron_factors`` (B, m) =
-    (η̂_t / η) / (sqrt(v_i) + ε), or (B, 1) = η̂_t / η for Muon. D is computed in fp32."""
-    direction = from_matrices(as_matrices(orthogonal, layout) * neuron_factors[..., None], layout, orthogonal.shape)
+    (the stack (K, *shape), bf16) with row i of each matrix times ``factors`` (B, m) from
+    ``neuron_factors``, or (B, 1) = η̂_t / η for Muon. D is computed in fp32."""
+    direction = from_matrices(as_matrices(orthogonal, layout) * factors[..., None], layout, orthogonal.shape)
     for weight, update in zip(weights, direction.unbind(0)):
         weight.mul_(1 - lr * weight_decay).sub_(lr * update.to(weight.dtype))
 
