@@ -24,8 +24,9 @@ Each run writes out/<run_name>/: config.json, metrics.jsonl (one JSON line per l
 Ctrl-C or SIGTERM saves a checkpoint at the end of the current step and stops.
 """
 # Pieces to import (the tutorial notebook does): GPTConfig, PRESETS, GPT (the model); TrainConfig, train(config)
-# (a whole run in this process, returning the logged metrics); load_shakespeare, load_data, DataLoader (data);
-# build_optimizers(model, config); row_norm_stats(matrix) (how unequal a matrix's row norms are).
+# (a whole run in this process, returning the logged metrics); load_data, DataLoader, and from prepare_data.py
+# load_shakespeare, write_shard, read_shard (data); build_optimizers(model, config); row_norm_stats(matrix)
+# (how unequal a matrix's row norms are).
 
 import argparse
 import contextlib
@@ -447,14 +448,14 @@ def latest_update_stats(params: dict, before: dict, optimizers: list) -> dict:
 def setup_distributed(device_flag: str):
     """Rank, world size and device from torchrun's environment; one process runs without a process group."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device_flag == "auto" else device_flag
-    if device_type == "cuda" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu.")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return rank, world_size, device
 
 
@@ -478,9 +479,9 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def on_rank_zero(function):
-    """Rank 0 runs function (download data, set up the run directory, pick a checkpoint) while the others wait,
-    and every rank gets its result. An error reaches every rank too (else the others would wait forever):
-    rank 0 raises it as it is, the others a UserError with its message."""
+    """Rank 0 runs function (download data, set up the run directory, pick a checkpoint) while the others wait;
+    every rank gets its result, or its error (else the others would wait forever): as it is on rank 0, as a
+    UserError with its message on the others."""
     result, raised = [None, None], None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -525,21 +526,17 @@ def save_checkpoint(directory: Path, model, optimizers, trainer: dict, keep) -> 
     return final
 
 
-def checkpoint_problem(path: Path):
-    """None if every file in path's manifest is there with its recorded sha256, else what is wrong."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return "it has no readable manifest.json"
-    return next((f"{name} is missing or altered" for name, digest in manifest.items()
-                 if not (path / name).is_file() or sha256(path / name) != digest), None)
-
-
 def newest_good_checkpoint(directory: Path):
-    """The newest checkpoint whose files verify, saying why any newer one is skipped; None if there is none."""
+    """The newest checkpoint whose every file has its manifest's sha256, saying why any newer one is skipped;
+    None if there is none."""
     complete = (p for p in directory.glob("step_*") if p.suffix != ".tmp")
     for path in sorted(complete, key=lambda p: -int(p.name[5:])):
-        problem = checkpoint_problem(path)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            problem = next((f"{name} is missing or altered" for name, digest in manifest.items()
+                            if not (path / name).is_file() or sha256(path / name) != digest), None)
+        except (OSError, ValueError):
+            problem = "it has no readable manifest.json"
         if problem is None:
             return path
         print(f"{path} is corrupt ({problem}): falling back to the checkpoint before it")
@@ -564,11 +561,9 @@ def load_checkpoint(path: Path, model, optimizers, trainer: dict) -> None:
 
 
 def start_or_resume(config: TrainConfig, model_config: GPTConfig, run_dir: Path, model, optimizers) -> tuple:
-    """Set up run_dir for a new run, or resume the run in it: returns (trainer state, checkpoint or None).
-
-    A new run never touches an existing run directory. A resume checks that the flags the checkpoint depends
-    on are unchanged, takes the newest checkpoint that verifies (from the start if there is none yet), says
-    which flags changed, and drops the metrics logged after the checkpoint (those steps are redone)."""
+    """Set up run_dir for a new run (never over an existing one), or resume the run in it: check the flags the
+    checkpoint depends on, take its newest good checkpoint (or start over if none), say which flags changed,
+    drop the metrics logged after it (those steps are redone). Returns (trainer state, checkpoint or None)."""
     checkpoints, config_file = run_dir / "checkpoints", run_dir / "config.json"
     settings = dict(train=dataclasses.asdict(config), model=dataclasses.asdict(model_config))
 
