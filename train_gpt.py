@@ -568,51 +568,51 @@ def start_or_resume(config: TrainConfig, model_config: GPTConfig, run_dir: Path,
     settings = dict(train=dataclasses.asdict(config), model=dataclasses.asdict(model_config))
 
     def prepare():  # rank 0, while the others wait
-        if not config.resume:
-            if config_file.exists():
-                raise UserError(f"{run_dir} holds a run already: continue it with --resume (with a larger "
-                                f"--max_steps to train it longer), or start another with --run_name NAME.")
-            try:
-                checkpoints.mkdir(parents=True, exist_ok=True)
-                config_file.write_text(json.dumps(settings, indent=2))
-            except OSError as error:
-                raise UserError(f"--out_dir {config.out_dir}: cannot write {run_dir} ({error.strerror}); "
-                                "pass a writable --out_dir.") from None
-            return None
-        if not config_file.exists():
-            raise UserError(f"--resume: {run_dir} holds no run to continue (no config.json); leave out --resume.")
-        saved = json.loads(config_file.read_text())
-        changed = [name for name in FIXED_ON_RESUME if saved["train"][name] != getattr(config, name)]
-        if changed:
-            given, used = (", ".join(f"--{name} {values[name]}" for name in changed)
-                           for values in (settings["train"], saved["train"]))
-            raise UserError(f"--resume: {given}, but the run used {used}; pass the same flags, "
-                            "or start a new --run_name.")
-        if saved["model"] != settings["model"]:  # same flags, other model: a preset edited since?
-            raise UserError(f"--resume: {run_dir} holds no run of this model ({model_config}); its config.json "
-                            f"says {saved['model']}.")
-        for stale in checkpoints.glob("step_*.tmp"):  # a save cut short
-            shutil.rmtree(stale)
-        checkpoint = newest_good_checkpoint(checkpoints)
-        step = int(checkpoint.name[5:]) if checkpoint else 0
-        if step >= config.max_steps:
-            raise UserError(f"--resume: the run is at step {step}, --max_steps is {config.max_steps}; pass a "
-                            "larger --max_steps to train it longer.")
-        print(f"resuming {run_dir} at step {step}" + (f" from {checkpoint}" if checkpoint else " (no checkpoint yet)"))
-        changes = [f"--{k} {v} (was {saved['train'][k]})" for k, v in settings["train"].items()
-                   if k not in ("resume", "nproc_per_node") and saved["train"].get(k) != v]
-        if changes:
-            print(f"changed flags: {', '.join(changes)}")
-        old = (saved["train"]["warmup_steps"], saved["train"]["max_steps"])
-        if old != (config.warmup_steps, config.max_steps):  # an extended run: its lr follows the new schedule
-            print(f"the learning-rate schedule now ends at step {config.max_steps}: at step {step} the lr is "
-                  f"{learning_rate_factor(step, config.warmup_steps, config.max_steps):.3f} x its peak "
-                  f"(the run's earlier schedule: {learning_rate_factor(step, *old):.3f})")
-        config_file.write_text(json.dumps(settings, indent=2))
-        metrics_file = run_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+        checkpoint = None
+        if not config.resume and config_file.exists():
+            raise UserError(f"{run_dir} holds a run already: continue it with --resume (with a larger "
+                            f"--max_steps to train it longer), or start another with --run_name NAME.")
+        if config.resume:
+            if not config_file.exists():
+                raise UserError(f"--resume: {run_dir} holds no run to continue (no config.json); leave out --resume.")
+            saved = json.loads(config_file.read_text())
+            changed = [name for name in FIXED_ON_RESUME if saved["train"][name] != getattr(config, name)]
+            if changed:
+                given, used = (", ".join(f"--{name} {values[name]}" for name in changed)
+                               for values in (settings["train"], saved["train"]))
+                raise UserError(f"--resume: {given}, but the run used {used}; pass the same flags, "
+                                "or start a new --run_name.")
+            if saved["model"] != settings["model"]:  # same flags, other model: a preset edited since?
+                raise UserError(f"--resume: {run_dir} holds no run of this model ({model_config}); its "
+                                f"config.json says {saved['model']}.")
+            for stale in checkpoints.glob("step_*.tmp"):  # a save cut short
+                shutil.rmtree(stale)
+            checkpoint = newest_good_checkpoint(checkpoints)
+            step = int(checkpoint.name[5:]) if checkpoint else 0
+            if step >= config.max_steps:
+                raise UserError(f"--resume: the run is at step {step}, --max_steps is {config.max_steps}; pass a "
+                                "larger --max_steps to train it longer.")
+            print(f"resuming {run_dir} at step {step} "
+                  + (f"from {checkpoint}" if checkpoint else "(no checkpoint yet)"))
+            changes = [f"--{k} {v} (was {saved['train'][k]})" for k, v in settings["train"].items()
+                       if k not in ("resume", "nproc_per_node") and saved["train"].get(k) != v]
+            if changes:
+                print(f"changed flags: {', '.join(changes)}")
+            old = (saved["train"]["warmup_steps"], saved["train"]["max_steps"])
+            if old != (config.warmup_steps, config.max_steps):  # an extended run: its lr follows the new schedule
+                print(f"the learning-rate schedule now ends at step {config.max_steps}: at step {step} the lr is "
+                      f"{learning_rate_factor(step, config.warmup_steps, config.max_steps):.3f} x its peak "
+                      f"(the run's earlier schedule: {learning_rate_factor(step, *old):.3f})")
+            metrics_file = run_dir / "metrics.jsonl"
+            if metrics_file.exists():  # the steps after the checkpoint are redone, and logged again
+                records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+                metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+        try:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(json.dumps(settings, indent=2))  # a resume's, with the flags given now
+        except OSError as error:
+            raise UserError(f"--out_dir {config.out_dir}: cannot write {run_dir} ({error.strerror}); "
+                            "pass a writable --out_dir.") from None
         return checkpoint
 
     checkpoint = on_rank_zero(prepare)
@@ -628,7 +628,8 @@ def stop_requests():
     """While training, SIGINT (Ctrl-C) and SIGTERM (what schedulers send) only note the signal: the loop then
     saves a checkpoint at the end of the step and stops. Yields the list of signals received."""
     received = []
-    previous = {s: signal.signal(s, lambda number, frame: received.append(number)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda number, frame: received.append(number))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield received
     finally:
@@ -721,7 +722,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)  # pre-clip
             # One all-reduce for the loss and for "a rank got SIGINT/SIGTERM", so that all stop at the same step.
             signalled = torch.tensor(float(bool(stop)), device=device)
-            train_loss, stopping = mean_across_ranks(torch.stack([loss_sum / config.grad_accum_steps, signalled])).tolist()
+            mean_loss = loss_sum / config.grad_accum_steps
+            train_loss, stopping = mean_across_ranks(torch.stack([mean_loss, signalled])).tolist()
             if not math.isfinite(train_loss):  # stop before this step changes the weights
                 raise UserError(f"step {done}: the training loss is {train_loss}; stopping. "
                                 f"{f'The last good checkpoint is {kept}. ' if kept else ''}"
