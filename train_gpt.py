@@ -527,8 +527,7 @@ def save_checkpoint(directory: Path, model, optimizers, trainer: dict, keep) -> 
 
 
 def newest_good_checkpoint(directory: Path):
-    """The newest checkpoint whose every file has its manifest's sha256, saying why any newer one is skipped;
-    None if there is none."""
+    """The newest checkpoint whose files all match its manifest's sha256s (saying why a newer one is skipped)."""
     complete = (p for p in directory.glob("step_*") if p.suffix != ".tmp")
     for path in sorted(complete, key=lambda p: -int(p.name[5:])):
         try:
