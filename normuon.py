@@ -463,11 +463,18 @@ def _check_parameter(param: Tensor, layout: str) -> None:
         if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
             raise ValueError(f"NorMuon supports DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's "
                              f"fully_shard); got placements {param.placements} on a {param.device_mesh.ndim}-D mesh.")
-        world_size, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
-        chunk = -(-param.shape[0] // world_size)
-        if param.to_local().shape[0] != max(0, min(chunk, param.shape[0] - rank * chunk)):
+        if param.to_local().shape[0] != len(_shard_rows(param)):
             raise ValueError("NorMuon expects FSDP2's row sharding (torch.chunk along dim 0); this DTensor's "
-                             f"local shard has {param.to_local().shape[0]} of {param.shape[0]} rows on rank {rank}.")
+                             f"local shard has {param.to_local().shape[0]} of {param.shape[0]} rows on rank "
+                             f"{param.device_mesh.get_local_rank()}.")
+
+
+def _shard_rows(param: DTensor) -> range:
+    """The dim-0 rows FSDP2 gives this rank: [r·chunk, (r+1)·chunk), chunk = ceil(rows / world size),
+    fewer (even none) at the end."""
+    chunk = -(-param.shape[0] // param.device_mesh.size())
+    start = min(param.shape[0], chunk * param.device_mesh.get_local_rank())
+    return range(start, min(param.shape[0], start + chunk))
 
 
 def _same_shape_buckets(group: dict) -> list:
@@ -492,9 +499,8 @@ def _local_neurons(param: DTensor, layout: str) -> slice:
     weights (their shards split every neuron), else the shard's rows (or experts)."""
     if layout == "in_out":
         return slice(None)
-    chunk = -(-param.shape[0] // param.device_mesh.size())
-    start = min(param.shape[0], chunk * param.device_mesh.get_local_rank())
-    return slice(start, start + param.to_local().shape[0])
+    rows = _shard_rows(param)
+    return slice(rows.start, rows.stop)
 
 
 def _zeros_per_neuron(param: Tensor, layout: str) -> Tensor:
