@@ -129,13 +129,6 @@ def update_stats(before: torch.Tensor, after: torch.Tensor, lr: float, weight_de
                 rms_over_lr=direction.square().mean().sqrt().item())
 
 
-def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
-    """Linear warmup to 1 at step warmup_steps - 1, then linear decay to 0 at step ``steps`` (the paper's)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return (steps - step) / max(1, steps - warmup_steps)
-
-
 def random_batches(tokens, batch_size: int, seq_len: int, seed: int, device):
     """Endless (x, y) batches of random crops of ``tokens``; the seed fixes the sequence of batches."""
     generator = torch.Generator().manual_seed(seed)
@@ -198,7 +191,7 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
         if time.time() > stop_at:
             record["status"] = "timeout"
             break
-        factor = lr_factor(step, args.warmup_steps, args.steps)
+        factor = train_gpt.learning_rate_factor(step, args.warmup_steps, args.steps)
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
