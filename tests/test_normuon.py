@@ -499,7 +499,10 @@ class Tiny(nn.Module):
 
 def test_split_parameters_finds_every_layout_and_leaves_the_rest_to_adamw():
     model = Tiny()
-    groups, adamw_params = normuon.split_parameters(model)
+    all_groups = normuon.split_parameters(model)
+    groups = [group for group in all_groups if group["use_muon"]]
+    (adamw_group,) = [group for group in all_groups if not group["use_muon"]]
+    adamw_params = adamw_group["params"]
     layouts = {id(p): group["layout"] for group in groups for p in group["params"]}
     expected = {model.hidden.weight: "out_in", model.conv.weight: "conv", model.attention.in_proj_weight: "out_in",
                 model.attention.out_proj.weight: "out_in", model.c_attn.weight: "in_out",
@@ -507,12 +510,13 @@ def test_split_parameters_finds_every_layout_and_leaves_the_rest_to_adamw():
     assert layouts == {id(p): layout for p, layout in expected.items()}
     assert {id(p) for p in adamw_params} == {id(p) for p in model.parameters()} - set(layouts)
     assert id(model.head.weight) not in layouts and id(model.attention.bias_k) not in layouts  # head, vector-like
-    normuon.NorMuon(groups)  # the split is valid input
+    normuon.NorMuon(all_groups)  # the split is valid input: one optimizer for the whole model
 
 
 def test_split_parameters_overrides_and_warnings():
     model = Tiny()
-    groups, _ = normuon.split_parameters(model, layouts={"hidden.weight": None, "class_token": None})
+    groups = normuon.split_parameters(model, layouts={"hidden.weight": None, "class_token": None})
+    groups = [group for group in groups if group["use_muon"]]
     assert id(model.hidden.weight) not in {id(p) for group in groups for p in group["params"]}
     model.table = nn.Parameter(torch.zeros(5, 8))  # a raw matrix: not a layer split_parameters knows
     with pytest.warns(UserWarning, match=r"AdamW will train table \(5, 8\)"):
@@ -529,7 +533,7 @@ def test_split_parameters_overrides_and_warnings():
 
 
 def test_tensor_lr_and_none_params_raise_value_errors():
-    with pytest.raises(ValueError, match="one element"):
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         normuon.NorMuon([nn.Parameter(torch.zeros(4, 4))], lr=torch.tensor([1e-3, 1e-3]))
     with pytest.raises(ValueError, match="params=None"):
         normuon.NorMuon(None)

@@ -131,13 +131,19 @@ def spread(matrices: torch.Tensor) -> torch.Tensor:
     return (norms.amax(-1) - norms.amin(-1)) / norms.mean(-1)
 
 
-def one_step(model, groups, adamw_params):
-    """One forward/backward and one NorMuon + AdamW step, weight decay 0. Returns {name: W_before - W_after}."""
+def split(model, **options):
+    """split_parameters' groups, as (the NorMuon groups, the AdamW parameters, all groups)."""
+    groups = normuon.split_parameters(model, adamw_lr=1e-3, **options)
+    adamw_params = [param for group in groups if not group["use_muon"] for param in group["params"]]
+    return [group for group in groups if group["use_muon"]], adamw_params, groups
+
+
+def one_step(model, groups):
+    """One forward/backward and one step of the one NorMuon optimizer (AdamW groups inside), weight
+    decay 0. Returns {name: W_before - W_after}."""
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     batch_loss(model).backward()
-    optimizers = [normuon.NorMuon(groups, lr=LR, weight_decay=0.0), torch.optim.AdamW(adamw_params, lr=1e-3)]
-    for optimizer in optimizers:
-        optimizer.step()
+    normuon.NorMuon(groups, lr=LR, weight_decay=0.0).step()
     return {name: before[name] - param.detach() for name, param in model.named_parameters()}
 
 
@@ -149,9 +155,9 @@ def stepped(request):
     exclude = [model.classifier] if isinstance(model, transformers.ViTForImageClassification) else []  # no head API
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        groups, adamw_params = normuon.split_parameters(model, exclude=exclude)
+        groups, adamw_params, all_groups = split(model, exclude=exclude)
     messages = [str(w.message) for w in caught if "split_parameters" in str(w.message)]
-    updates = one_step(model, groups, adamw_params)
+    updates = one_step(model, all_groups)
     return model, layouts, warned, groups, adamw_params, messages, updates
 
 
@@ -189,7 +195,7 @@ def test_no_embedding_head_norm_or_bias_goes_to_normuon(stepped):
 def test_untied_llama_head_goes_to_adamw_without_exclude():
     model, _, _ = llama_untied()
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # the case the head must be found in
-    groups, adamw_params = normuon.split_parameters(model)
+    _, adamw_params, _ = split(model)
     assert any(param is model.lm_head.weight for param in adamw_params)
 
 
@@ -230,8 +236,8 @@ def test_a_wrong_layout_breaks_the_invariant():
     torch.manual_seed(0)
     model, _, _ = gpt2()
     names = [name for name, _ in model.named_parameters() if name.endswith("c_attn.weight")]
-    groups, adamw_params = normuon.split_parameters(model, layouts={name: "out_in" for name in names})
-    updates = one_step(model, groups, adamw_params)
+    _, _, groups = split(model, layouts={name: "out_in" for name in names})
+    updates = one_step(model, groups)
     for name in names:
         assert spread(neuron_matrices(updates[name], "in_out")).item() > WRONG_AXIS_MIN_SPREAD
         assert spread(neuron_matrices(updates[name], "out_in")).item() < SPREAD_TOLERANCE
