@@ -364,6 +364,7 @@ class NorMuon(torch.optim.Optimizer):
         if not use_muon:  # AdamW: its own defaults, and none of NorMuon's keys
             inherited = {key: self.defaults[key] for key in ("lr", "weight_decay")}
             param_group = {**ADAMW_DEFAULTS, **inherited, **param_group}
+        not_adamw = [key for key in self.defaults if key not in param_group]  # before super fills
         super().add_param_group(param_group)  # fills in the defaults; then check what will run
         group = self.param_groups[-1]
         try:
@@ -373,7 +374,7 @@ class NorMuon(torch.optim.Optimizer):
                 for param in group["params"]:
                     _check_parameter(param, group["layout"])
             else:
-                for key in set(MUON_KEYS) - set(ADAMW_KEYS) - set(param_group):
+                for key in not_adamw:  # NorMuon's defaults mean nothing to AdamW
                     del group[key]
                 _check_adamw_group(group)
                 for param in group["params"]:

@@ -99,13 +99,15 @@ def test_newton_schulz_any_coefficients_match_float64_iteration(coefficients, sh
 # The update against the float64 reference of Algorithm 1
 
 
-def run_against_reference(shape, steps, make_grad, momentum=0.95, orthogonalize=newton_schulz_float64, **settings):
+def run_against_reference(shape, steps, make_grad, momentum=0.95, orthogonalize=newton_schulz_float64,
+                          ns_coefficients=normuon.MUON_COEFFICIENTS, **settings):
     """Per step, the relative error of normuon's parameter change vs the reference's, and at the end
-    of the second moment."""
+    of the second moment. ``ns_coefficients`` go to normuon; the reference uses ``orthogonalize``."""
     torch.manual_seed(0)
     weight = torch.randn(shape) * 0.1
     param = nn.Parameter(weight.clone())
-    optimizer = normuon.NorMuon([param], lr=0.02, momentum=momentum, weight_decay=0.1, **settings)
+    optimizer = normuon.NorMuon([param], lr=0.02, momentum=momentum, weight_decay=0.1,
+                                ns_coefficients=ns_coefficients, **settings)
     reference = ReferenceNorMuon(weight, lr=0.02, momentum=momentum, weight_decay=0.1, orthogonalize=orthogonalize, **settings)
     step_errors = []
     for _ in range(steps):
@@ -262,22 +264,28 @@ def test_normalize_false_matches_torch_muon(settings):
 # FSDP2: sharded equals single-device
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_fsdp2_equals_single_device(world_size, tmp_path):
-    """tests/fsdp_worker.py: 6 steps, the same gradients, every layout and the three variants (paper,
-    released code, Muon); 3 ranks give uneven shards and ranks with no rows at all. fp32 throughout;
-    only the order of float additions differs (norms and per-neuron sums are all-reduced): ≤ 1e-6."""
+@pytest.mark.parametrize("mesh", [(2,), (3,), (2, 2), (2, 3)], ids=["fsdp2", "fsdp3", "hsdp2x2", "hsdp2x3"])
+def test_fsdp2_and_hsdp_equal_single_device(mesh, tmp_path):
+    """tests/fsdp_worker.py: 6 steps, the same gradients, every layout, the three variants (paper,
+    released code, Muon), the options (larger axis on wide matrices of every layout, cautious weight
+    decay, Polar Express) and an AdamW group; FSDP2 on 2 and 3 ranks, HSDP on (replicate, shard)
+    meshes of 2x2 and 2x3. A shard axis of 3 gives uneven shards and ranks with no rows at all. fp32
+    throughout; only the order of float additions differs (per-neuron sums are all-reduced): ≤ 1e-6."""
     result = tmp_path / "result.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-                    str(REPO / "tests" / "fsdp_worker.py"), str(result)], check=True, timeout=300, cwd=REPO)
+    ranks = math.prod(mesh)
+    hsdp = [str(size) for size in mesh] if len(mesh) == 2 else []
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                    str(REPO / "tests" / "fsdp_worker.py"), str(result), *hsdp], check=True, timeout=300,
+                   cwd=REPO)
     outcome = json.loads(result.read_text())
     assert max(outcome["param_errors"].values()) < 1e-6, outcome["param_errors"]
     assert max(outcome["state_errors"].values()) < 1e-6, outcome["state_errors"]
-    assert len(outcome["state_errors"]) == 2 * len(outcome["param_errors"])  # both states of every parameter compared
+    assert len(outcome["state_errors"]) == 2 * len(outcome["param_errors"]) + 2  # AdamW: 3 states, 2 params
     assert all(keys == outcome["state_keys"][0] for keys in outcome["state_keys"])  # same state_dict on every rank
     assert "sharded on dim 0 over a 1-D mesh" in outcome["replicated_parameter_error"]
-    if world_size == 3:  # the cases that deadlock naive implementations: ranks holding nothing of a tensor
-        empty = {name for name, rows in outcome["local_rows"][2].items() if rows == 0}
+    assert "3-D mesh" in outcome["mesh_3d_error"]
+    if mesh[-1] == 3:  # the cases that deadlock naive implementations: ranks holding nothing of a tensor
+        empty = {name for name, rows in outcome["local_rows"][-1].items() if rows == 0}
         assert {"down_a.weight", "in_out_narrow.weight", "experts.weight"} <= empty
 
 
