@@ -1,10 +1,11 @@
-"""tutorial.ipynb: the committed copy carries its outputs (its figures show on GitHub without running it), it still
-runs top to bottom, headless, on a small CPU, and its text says no more than its cells show: every number in the
-prose is printed by a cell above it (or by the code cell right after it), and the claims the prose makes in words are
-asserted below against the values the cells computed. The runs execute in-memory copies with nbclient; the committed
-file is never rewritten here.
+"""tutorial.ipynb: the committed copy carries its outputs (its figures show on GitHub without
+running it), it still runs top to bottom, headless, on a small CPU, and its text says no more than
+its cells show: every number in the prose is printed by a cell above it (or by the code cell right
+after it), and the claims the prose makes in words are asserted below against the values the cells
+computed. The runs execute in-memory copies with nbclient; the committed file is never rewritten.
 
-To refresh the committed outputs after editing the notebook, execute it in place from the repository root:
+To refresh the committed outputs after editing the notebook, execute it in place from the
+repository root:
     jupyter nbconvert --to notebook --execute --inplace tutorial.ipynb
 """
 
@@ -20,14 +21,16 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "tutorial.ipynb"
 FIGURE_CELLS = 8  # code cells tagged "figure": each must draw at least one PNG
-OPTIONAL_CELLS = 3  # code cells tagged "optional": they need transformers or torch.distributed, and say so without
+OPTIONAL_CELLS = 3  # tagged "optional": they need transformers or torch.distributed, and say so
 
-# Numbers the prose may quote without a cell printing them: the paper's arXiv id, years of the cited works.
+MATRICES = ("up-projection blocks.2.mlp.fc", "down-projection blocks.2.mlp.proj")  # section 2's
+# Numbers the prose may quote that no cell prints: the paper's arXiv id, the cited works' years.
 CITATIONS = {"2510.05491", "2025", "2024"}
-HIDDEN_FROM_PROSE_CHECK = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|`[^`]*`|\]\([^)]*\)", re.S)
+HIDDEN_FROM_PROSE_CHECK = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|`[^`]*`|\]\([^)]*\)",
+                                     re.S)  # code, math and link targets
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
 
-# Appended to the executed copy: the values the notebook's text relies on, from the kernel's variables.
+# Appended to the executed copy: the values the notebook's text relies on, from its variables.
 PROBE = """
 import json
 short = lambda name: name.split(" (")[0]
@@ -35,7 +38,8 @@ print("PROBE " + json.dumps(dict(
     ns_deviation=ns_deviation,
     lift_ratio=lift_ratio,
     kappa={short(name): values for name, values in kappa.items()},
-    top_energy={short(name): {label: [top_energy(candidates[label], k) for k in TOP] for label in candidates}
+    top_energy={short(name): {label: [top_energy(update, k) for k in TOP]
+                              for label, update in candidates.items()}
                 for name, candidates in updates.items()},
     row_cv={short(name): values for name, values in row_cv.items()},
     exact_vs_ns={short(name): values for name, values in exact_vs_ns.items()},
@@ -71,31 +75,35 @@ def png_count(cell):
 
 
 def output_text(cell):
-    return "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "") for output in cell.outputs)
+    return "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "")
+                   for output in cell.outputs)
 
 
 def error_outputs(notebook):
-    return [(index, output.get("ename"), output.get("evalue")) for index, cell in enumerate(notebook.cells)
-            if cell.cell_type == "code" for output in cell.outputs if output.output_type == "error"]
+    return [(index, output.get("ename"), output.get("evalue"))
+            for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+            for output in cell.outputs if output.output_type == "error"]
 
 
 def execute(notebook):
-    client = NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
+    client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}})
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     return notebook
 
 
 def check_figures(notebook):
     figures = tagged(notebook, "figure")
-    assert len(figures) == FIGURE_CELLS, f"expected {FIGURE_CELLS} cells tagged 'figure', found {len(figures)}"
+    assert len(figures) == FIGURE_CELLS, f"{len(figures)} cells tagged 'figure', not {FIGURE_CELLS}"
     missing = [cell.source.splitlines()[0] for cell in figures if png_count(cell) == 0]
     assert not missing, f"figure cells without a PNG output (first lines): {missing}"
 
 
 def unshown_prose_numbers(notebook):
-    """The numbers of each markdown cell (outside math, code and links; integers below 10 are counts and section
-    numbers) that no code cell above it, or the code cell right after it, shows in its source or its outputs. A
-    number counts as shown if a shown value rounds to it at the prose's precision."""
+    """(cell index, number) for each number of a markdown cell (outside math, code and links;
+    integers below 10 are counts and section numbers) that no code cell above it, nor the code
+    cell right after it, shows in its source or outputs. A shown value that rounds to the number at
+    the prose's precision counts."""
     unshown, shown = [], []
     cells = notebook.cells
     for index, cell in enumerate(cells):
@@ -103,13 +111,16 @@ def unshown_prose_numbers(notebook):
             shown += [float(x) for x in NUMBER.findall(cell.source + output_text(cell))]
             continue
         following = next((c for c in cells[index + 1:] if c.cell_type == "code"), None)
-        nearby = shown + ([float(x) for x in NUMBER.findall(following.source + output_text(following))]
-                          if following is not None else [])
+        if following is not None:
+            nearby = shown + [float(x) for x in NUMBER.findall(following.source
+                                                               + output_text(following))]
+        else:
+            nearby = shown
         for number in NUMBER.findall(HIDDEN_FROM_PROSE_CHECK.sub(" ", cell.source)):
             if number in CITATIONS or ("." not in number and int(number) < 10):
                 continue
             half_unit = 0.5 * 10.0 ** -len(number.partition(".")[2])
-            if not any(abs(float(number) - value) <= half_unit * (1 + 1e-9) for value in nearby):
+            if not any(abs(float(number) - x) <= half_unit * (1 + 1e-9) for x in nearby):
                 unshown.append((index, number))
     return unshown
 
@@ -122,16 +133,16 @@ def test_committed_notebook_has_outputs_from_one_top_to_bottom_run():
         f"(execution counts 1..{len(counts)}), got {counts}")
     assert not error_outputs(notebook), error_outputs(notebook)
     check_figures(notebook)
-    assert NOTEBOOK.stat().st_size < 1_200_000, "keep the committed notebook small (PNG figures at modest dpi)"
-    assert not unshown_prose_numbers(notebook), (
-        f"(cell index, number) quoted by the prose but shown by no cell above: {unshown_prose_numbers(notebook)}")
+    assert NOTEBOOK.stat().st_size < 1_200_000, "keep the notebook small (PNGs at modest dpi)"
+    unshown = unshown_prose_numbers(notebook)
+    assert not unshown, f"(cell index, number) in the prose that no cell above shows: {unshown}"
 
 
 def test_optional_parts_say_what_they_need_where_it_is_missing():
-    """Without transformers and torch.distributed, the optional cells print a note (no traceback)."""
+    """Without transformers and torch.distributed the optional cells print a note, no traceback."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     optional = tagged(notebook, "optional")
-    assert len(optional) == OPTIONAL_CELLS, f"expected {OPTIONAL_CELLS} cells tagged 'optional', found {len(optional)}"
+    assert len(optional) == OPTIONAL_CELLS, f"{len(optional)} cells tagged 'optional'"
     block = nbformat.v4.new_code_cell(
         "import sys, torch.distributed\n"
         "sys.modules['transformers'] = None  # import transformers raises ImportError\n"
@@ -147,12 +158,13 @@ def test_optional_parts_say_what_they_need_where_it_is_missing():
 
 def test_notebook_runs_top_to_bottom_and_shows_what_its_text_says():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in code_cells(notebook):  # start from a blank slate: what is checked below comes from this run
+    for cell in code_cells(notebook):  # a blank slate: what is checked below comes from this run
         cell.outputs, cell.execution_count = [], None
     notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
     started = time.perf_counter()
     execute(notebook)
-    print(f"the notebook ran in {time.perf_counter() - started:.0f} s (aim: under 5 minutes on 2 CPU cores)")
+    print(f"the notebook ran in {time.perf_counter() - started:.0f} s "
+          "(aim: under 5 minutes on 2 CPU cores)")
     assert not error_outputs(notebook), error_outputs(notebook)
     check_figures(notebook)
     probe = json.loads(output_text(notebook.cells[-1]).split("PROBE ", 1)[1])
@@ -163,13 +175,14 @@ def test_notebook_runs_top_to_bottom_and_shows_what_its_text_says():
 
 
 def check_section_1_to_4(probe):
-    # 1: newton_schulz in bf16 follows the scalar polynomial (the cubic, c = 0, included); Muon's quintic lifts
-    # inputs many times smaller than the convergent polynomials do.
+    # 1: newton_schulz in bf16 follows the scalar polynomial (the cubic, c = 0, included); Muon's
+    # quintic lifts inputs many times smaller than the convergent polynomials do.
     assert set(probe["ns_deviation"]) == {"cubic", "convergent quintic", "Muon's quintic"}
     assert max(probe["ns_deviation"].values()) < 0.05, probe["ns_deviation"]
     assert min(probe["lift_ratio"].values()) > 10, probe["lift_ratio"]
-    # 2: Muon and NorMuon are flat; SGD momentum and AdamW far from it on both matrices; AdamW lowers κ below SGD
-    # momentum's by a modest factor; the momentum and Adam's update are nearly low-rank, Muon's update is not.
+    # 2: Muon and NorMuon are flat; SGD momentum and AdamW far from it on both matrices; AdamW
+    # lowers κ below SGD momentum's by a modest factor; the momentum and Adam's update are nearly
+    # low-rank, Muon's update is not.
     for matrix, kappa in probe["kappa"].items():
         flat = max(kappa["Muon"], kappa["NorMuon"])
         assert flat < 3 and min(kappa["SGD momentum"], kappa["AdamW"]) > 10 * flat, (matrix, kappa)
@@ -177,29 +190,30 @@ def check_section_1_to_4(probe):
     for matrix, energy in probe["top_energy"].items():  # [top 1, top 4] of 64 directions
         assert energy["SGD momentum"][1] > 0.5 and energy["AdamW"][1] > 0.5, (matrix, energy)
         assert energy["Muon"][1] < 2 * 4 / 64, (matrix, energy)
-    # 3: on the tall up-projection Muon's rows are much less equal than NorMuon's, and about as unequal as the exact
-    # UVᵀ's; on the wide down-projection the exact UVᵀ's rows are equal and Muon's nearly so, NorMuon's too; SGD
-    # momentum and AdamW are unbalanced on both.
-    up, down = probe["row_cv"]["up-projection blocks.2.mlp.fc"], probe["row_cv"]["down-projection blocks.2.mlp.proj"]
+    # 3: on the tall up-projection Muon's rows are much less equal than NorMuon's, and about as
+    # unequal as the exact UVᵀ's; on the wide down-projection the exact UVᵀ's rows are equal and
+    # Muon's nearly so, NorMuon's too; SGD momentum and AdamW are unbalanced on both.
+    up, down = (probe["row_cv"][name] for name in MATRICES)
     assert up["Muon"] > 2 * up["NorMuon"], up
     assert down["Muon"] < 0.1 and down["NorMuon"] < 0.1, down
-    assert min(cv[label] for cv in (up, down) for label in ("SGD momentum", "AdamW")) > 2 * down["Muon"], (up, down)
-    exact_up, exact_down = (probe["exact_vs_ns"][name] for name in ("up-projection blocks.2.mlp.fc",
-                                                                     "down-projection blocks.2.mlp.proj"))
+    unbalanced = min(cv[label] for cv in (up, down) for label in ("SGD momentum", "AdamW"))
+    assert unbalanced > 2 * down["Muon"], (up, down)
+    exact_up, exact_down = (probe["exact_vs_ns"][name] for name in MATRICES)
     assert abs(exact_up["Muon"] - exact_up["exact UVᵀ"]) < 0.2 * exact_up["exact UVᵀ"], exact_up
     assert exact_down["exact UVᵀ"] < 1e-6 < exact_down["Muon"] < 0.1, exact_down
-    # 3, the larger axis: the same update on the tall matrix; on the wide one the per-output statistic leaves the
-    # columns as unequal as Muon's, the larger-axis one cuts their CV severalfold and keeps the rows' small.
-    tall, wide = (probe["axis_cv"][name] for name in ("up-projection blocks.2.mlp.fc",
-                                                       "down-projection blocks.2.mlp.proj"))
-    assert tall["NorMuon, larger axis"] == tall["NorMuon"] or all(
-        math.isclose(tall["NorMuon, larger axis"][k], tall["NorMuon"][k], rel_tol=1e-3) for k in ("rows", "columns"))
+    # 3, the larger axis: the same update on the tall matrix; on the wide one the per-output
+    # statistic leaves the columns as unequal as Muon's, the larger-axis one cuts their CV
+    # severalfold and keeps the rows' small.
+    tall, wide = (probe["axis_cv"][name] for name in MATRICES)
+    assert all(math.isclose(tall["NorMuon, larger axis"][k], tall["NorMuon"][k], rel_tol=1e-3)
+               for k in ("rows", "columns")), tall
     assert math.isclose(wide["NorMuon"]["columns"], wide["Muon"]["columns"], rel_tol=0.1), wide
     assert wide["NorMuon"]["rows"] <= 1.1 * wide["Muon"]["rows"], wide
     assert wide["NorMuon, larger axis"]["columns"] < wide["NorMuon"]["columns"] / 2, wide
     assert wide["NorMuon, larger axis"]["rows"] < 0.1, wide
-    # 4: RMS(Ô) is 1/sqrt(1 - β2) at t = 1 only; at t = 61 it is near 1, and η̂/η = 0.2 / RMS(Ô); the pure functions
-    # chained by hand give NorMuon.step's weight; κ grows by less than its bound; element-wise disturbs κ more.
+    # 4: RMS(Ô) is 1/sqrt(1 - β2) at t = 1 only; at t = 61 it is near 1, and η̂/η = 0.2 / RMS(Ô);
+    # the pure functions chained by hand give NorMuon.step's weight; κ grows by much less than its
+    # bound; the element-wise alternative disturbs κ more.
     rms_first, rms_now = probe["rms_O_hat"]["t = 1"], probe["rms_O_hat"]["t = 61"]
     assert math.isclose(rms_first, 1 / math.sqrt(1 - 0.95), rel_tol=1e-4), rms_first
     assert 0.8 < rms_now < 1.25 and math.isclose(probe["scale"], 0.2 / rms_now, rel_tol=1e-4), probe
@@ -210,8 +224,8 @@ def check_section_1_to_4(probe):
 
 
 def check_section_5_to_8(probe):
-    # 5: after step 1, NorMuon's neurons (columns of a Conv1D weight) have equal norms; Muon's do not, and the wrong
-    # layout equalizes the inputs instead.
+    # 5: after step 1, NorMuon's neurons (columns of a Conv1D weight) have equal norms; Muon's do
+    # not, and the wrong layout equalizes the inputs instead.
     cv = probe["layout_cv"]
     assert cv is not None, "section 5 was skipped: transformers is a test dependency"
     right, wrong, muon = (cv[key] for key in ("NorMuon, layout from split_parameters",
@@ -219,27 +233,32 @@ def check_section_5_to_8(probe):
     assert right["neurons"] < 1e-4 and right["inputs"] > 0.01, right
     assert wrong["inputs"] < 1e-4 and wrong["neurons"] > 0.01, wrong
     assert muon["neurons"] > 0.01 and muon["inputs"] > 0.01, muon
-    # 6: the runs train; Muon and NorMuon end close together, AdamW behind; on the tall up-projection AdamW's and
-    # Muon's update rows are several times less equal than NorMuon's, from the first logged step on; on the wide
-    # down-projection Muon's and NorMuon's are nearly equal and AdamW's are not.
+    # 6: the runs train; Muon and NorMuon end close together, AdamW behind; on the tall
+    # up-projection AdamW's and Muon's update rows are several times less equal than NorMuon's,
+    # from the first logged step on; on the wide down-projection Muon's and NorMuon's are nearly
+    # equal and AdamW's are not.
     final = probe["final_val_loss"]
     assert all(math.isfinite(loss) and loss < 3.0 for loss in final.values()), final
-    assert abs(final["Muon"] - final["NorMuon"]) < 0.05 < final["AdamW"] - max(final["Muon"], final["NorMuon"]), final
+    behind = final["AdamW"] - max(final["Muon"], final["NorMuon"])
+    assert abs(final["Muon"] - final["NorMuon"]) < 0.05 < behind, final
     tall, wide = probe["imbalance"]["blocks.2.mlp.fc"], probe["imbalance"]["blocks.3.mlp.proj"]
     assert min(tall["AdamW"], tall["Muon"]) > 2 * tall["NorMuon"], tall
-    assert probe["first_logged"]["NorMuon"] < min(probe["first_logged"]["AdamW"], probe["first_logged"]["Muon"]) / 2
-    assert max(wide["Muon"], wide["NorMuon"]) < 0.1 and wide["AdamW"] > 3 * max(wide["Muon"], wide["NorMuon"]), wide
-    # 7, what the text says of bench/results/ (read again here, so a re-measured file is checked against the prose):
-    # NorMuon - Muon not resolved (its interval includes 0), both clearly below AdamW; NorMuon's step faster than
-    # torch's Muon at every size, the ratio closest to 1 at the largest size, where GEMMs take the largest share; on
-    # transformers' GPT-2 124M NorMuon behind Muon, its best lr at the grid's edge.
+    first = probe["first_logged"]
+    assert first["NorMuon"] < min(first["AdamW"], first["Muon"]) / 2, first
+    balanced = max(wide["Muon"], wide["NorMuon"])
+    assert balanced < 0.1 and wide["AdamW"] > 3 * balanced, wide
+    # 7, what the text says of bench/results/ (read again here, so that a re-measured file is
+    # checked against the prose): NorMuon - Muon not resolved (its interval includes 0), both
+    # clearly below AdamW; NorMuon's step faster than torch's Muon at every size, the ratio closest
+    # to 1 at the largest size, where GEMMs take the largest share; on transformers' GPT-2 124M
+    # NorMuon behind Muon, its best lr at the grid's lower edge.
     claim = json.loads((REPO / "bench/results/paper_claim.json").read_text())["paired_differences"]
     low, high = claim["normuon_minus_muon"]["ci95"]
     assert low < 0 < high
-    assert max(claim["normuon_minus_adamw"]["ci95"]) < 0 and max(claim["muon_minus_adamw"]["ci95"]) < 0
+    assert max(claim["normuon_minus_adamw"]["ci95"] + claim["muon_minus_adamw"]["ci95"]) < 0
     ratio, share = probe["step_ratio"], probe["gemm_share"]
     largest = list(ratio)[-1]
-    assert all(value < 1 for value in ratio.values()) and max(ratio, key=ratio.get) == largest, ratio
+    assert max(ratio.values()) < 1 and max(ratio, key=ratio.get) == largest, ratio
     assert max(share, key=share.get) == largest, share
     hf = json.loads((REPO / "bench/results/hf_gpt2.json").read_text())["summary"]
     assert hf["normuon"]["mean"] > hf["muon"]["mean"] and hf["normuon"]["best_lr_at_grid_edge"], hf
