@@ -1,0 +1,193 @@
+"""torch's own generic optimizer tests (TestOptimRenewed in pytorch's test/test_optim.py) for
+normuon.NorMuon, next to torch.optim.Muon: pass/fail counts side by side, and why each failure failed.
+
+Not part of CI: it needs torch's test source, which this repository does not include. To run it:
+
+    pip install expecttest hypothesis
+    # torch's test/test_optim.py, ideally from the commit of the installed torch:
+    #   python -c "import torch; print(torch.__version__, torch.version.git_version)"
+    #   e.g. https://github.com/pytorch/pytorch/blob/<that commit>/test/test_optim.py -> /tmp/test_optim.py
+    python tests/torch_optim_suite.py /tmp/test_optim.py            # add -v for every test, -k WORD to filter
+
+How it runs them. NorMuon gets an OptimizerInfo modelled on torch's optim_db entry for Muon: the same
+inputs (torch's optim_inputs_func_muon: default, lr, Tensor lr, weight_decay, momentum, ns_steps,
+ns_coefficients), the same flags (no foreach/fused/differentiable, no complex) and the same skips and
+decorators; its error inputs are torch's common ones plus NorMuon's own messages for the cases torch
+checks for Muon (a 1-D or 3-D parameter, an unknown adjust_lr_fn, a complex parameter). optim_db is
+narrowed to these two entries before test_optim.py is executed. torch's tests give Muon only 2-D
+parameters by testing ``optim_cls.__name__ == "Muon"``; NorMuon has the same contract (weight matrices
+only), so those name tests are widened to ("Muon", "NorMuon") and the count of rewrites is printed.
+test_optim.py's imports of its sibling test modules (optim.test_lrscheduler, ...) are replaced by
+empty stubs: only TestOptimRenewed runs. "Applies" means instantiated for Muon on this device and not
+skipped there.
+"""
+
+import argparse
+import collections
+import sys
+import types
+import unittest
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("Muon", "NorMuon")
+
+
+def parse_arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("test_optim", type=Path, help="path to torch's test/test_optim.py")
+    parser.add_argument("-k", default="", help="run only tests whose name contains this")
+    parser.add_argument("-v", action="store_true", help="print every test's outcome")
+    return parser.parse_args()
+
+
+def stub_sibling_test_modules():
+    """test_optim.py imports TestLRScheduler etc. from test/optim/; TestOptimRenewed needs none of them."""
+    sys.modules["optim"] = types.ModuleType("optim")
+    for module, names in {"test_lrscheduler": ["TestLRScheduler"], "test_optim": ["TestDifferentiableOptimizer"],
+                          "test_swa_utils": ["TestSWAUtils"]}.items():
+        stub = types.ModuleType(f"optim.{module}")
+        for name in names:
+            setattr(stub, name, type(name, (), {}))
+        sys.modules[f"optim.{module}"] = stub
+
+
+def normuon_error_inputs(device, dtype):
+    """torch's error inputs for every optimizer, and NorMuon's messages for what torch checks for Muon."""
+    import torch
+    from torch.testing._internal import common_optimizers as co
+
+    def parameter(*shape, dtype=dtype):
+        tensor = torch.rand(*shape, device=device, dtype=dtype)
+        tensor.grad = torch.rand_like(tensor)
+        return tensor
+
+    def construction_error(params, kwargs, desc, regex):
+        return co.ErrorOptimizerInput(co.OptimizerInput(params=params, kwargs=kwargs, desc=desc),
+                                      error_type=ValueError, error_regex=regex,
+                                      error_on=co.OptimizerErrorEnum.CONSTRUCTION_ERROR)
+
+    return co.get_error_inputs_for_all_optims(device, dtype) + [
+        construction_error([parameter(4)], {}, "a 1-D parameter", r"trains weight matrices \(>= 2-D\)"),
+        construction_error([parameter(2, 3, 4)], {}, "a 3-D parameter without a layout", "3-D parameter"),
+        construction_error([parameter(2, 3)], {"adjust_lr_fn": "arbitrary"}, "unknown adjust_lr_fn",
+                           "adjust_lr_fn must be one of"),
+        construction_error([parameter(2, 3, dtype=torch.complex64)], {}, "a complex parameter",
+                           "does not support complex parameters"),
+    ]
+
+
+def narrow_optim_db():
+    """optim_db becomes [Muon's entry, NorMuon's entry modelled on it]."""
+    sys.path.insert(0, str(REPO))
+    import normuon
+    from torch.testing._internal import common_optimizers as co
+
+    muon = next(info for info in co.optim_db if info.name == "Muon")
+    entry = co.OptimizerInfo(
+        normuon.NorMuon, optim_inputs_func=muon.optim_inputs_func, optim_error_inputs_func=normuon_error_inputs,
+        scheduler_inputs=muon.scheduler_inputs, supported_impls=muon.supported_impls,
+        not_og_supported_flags=muon.not_og_supported_flags, supports_complex=muon.supports_complex,
+        supports_sparse=muon.supports_sparse, only_supports_sparse_grads=muon.only_supports_sparse_grads,
+        step_requires_closure=muon.step_requires_closure, supports_param_groups=muon.supports_param_groups,
+        supports_multiple_devices=muon.supports_multiple_devices, supports_fused_on=muon.supports_fused_on,
+        has_capturable_arg=muon.has_capturable_arg, decorators=list(muon.decorators))
+    co.optim_db[:] = [muon, entry]
+
+
+def load_test_module(path: Path):
+    """Execute test_optim.py (patched as the module docstring says) and return its namespace."""
+    source = path.read_text()
+    rewrites = source.count('__name__ == "Muon"') + source.count('__name__ != "Muon"')
+    source = source.replace('__name__ == "Muon"', "__name__ in MUON_LIKE").replace(
+        '__name__ != "Muon"', "__name__ not in MUON_LIKE")
+    module = types.ModuleType("test_optim")
+    module.__file__ = str(path)
+    module.MUON_LIKE = NAMES
+    sys.modules["test_optim"] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module, rewrites
+
+
+class Outcomes(unittest.TestResult):
+    """Each test's outcome: pass, fail (with the exception's last line) or skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.outcomes = {}
+
+    def addSuccess(self, test):
+        self.outcomes[test.id()] = ("pass", "")
+
+    def _failure(self, test, error):
+        kind, value, _ = error
+        message = (str(value).strip().splitlines() or [""])[0][:160]
+        self.outcomes[test.id()] = ("FAIL", f"{kind.__name__}: {message}")
+
+    addFailure = addError = _failure
+
+    def addSkip(self, test, reason):
+        self.outcomes[test.id()] = ("skip", reason)
+
+    def addExpectedFailure(self, test, error):
+        self.outcomes[test.id()] = ("xfail", "")
+
+    def addUnexpectedSuccess(self, test):
+        self.outcomes[test.id()] = ("FAIL", "unexpected success")
+
+
+def split_name(test_id: str):
+    """'...test_errors_NorMuon_cpu_float32' -> ('test_errors[cpu_float32]', 'NorMuon')."""
+    method = test_id.rsplit(".", 1)[-1]
+    for name in sorted(NAMES, key=len, reverse=True):
+        marker = f"_{name}_"
+        if marker in method:
+            head, tail = method.split(marker, 1)
+            return f"{head}[{tail}]", name
+    return None, None
+
+
+def main():
+    arguments = parse_arguments()
+    sys.argv = sys.argv[:1]  # torch's test utilities read sys.argv
+    stub_sibling_test_modules()
+    narrow_optim_db()
+    module, rewrites = load_test_module(arguments.test_optim)
+    print(f"{arguments.test_optim}: {rewrites} Muon-only name tests widened to {NAMES}")
+
+    suite = unittest.TestSuite()
+    for test_case in [value for key, value in vars(module).items() if key.startswith("TestOptimRenewed")
+                      and isinstance(value, type) and key != "TestOptimRenewed"]:
+        for test in unittest.defaultTestLoader.loadTestsFromTestCase(test_case):
+            if split_name(test.id())[0] and arguments.k in test.id():
+                suite.addTest(test)
+    result = Outcomes()
+    suite.run(result)
+
+    table = collections.defaultdict(dict)
+    for test_id, outcome in result.outcomes.items():
+        test, name = split_name(test_id)
+        table[test][name] = outcome
+    applies = [test for test in sorted(table) if table[test].get("Muon", ("skip",))[0] not in ("skip",)]
+    counts = {name: sum(table[test].get(name, ("missing",))[0] == "pass" for test in applies) for name in NAMES}
+    width = max(map(len, table), default=10)
+    if arguments.v:
+        print(f"{'test':<{width}}  {'Muon':<6} NorMuon")
+        for test in sorted(table):
+            print(f"{test:<{width}}  {table[test].get('Muon', ('-',))[0]:<6} {table[test].get('NorMuon', ('-',))[0]}")
+    print(f"\nTests that apply to torch.optim.Muon here (instantiated for it and not skipped): {len(applies)}")
+    for name in NAMES:
+        print(f"  {name:<8} passes {counts[name]}/{len(applies)}")
+    for name in NAMES:
+        for test in sorted(table):
+            status, detail = table[test].get(name, ("missing", ""))
+            if status in ("FAIL", "missing") or (test in applies and status != "pass"):
+                print(f"  {name} {status}: {test}: {detail}")
+    others = [test for test in sorted(table) if test not in applies and table[test].get("NorMuon", ("",))[0] == "pass"]
+    if others:
+        print(f"NorMuon also passes {len(others)} test(s) skipped for Muon here: {', '.join(others)}")
+    return 0 if counts["NorMuon"] == len(applies) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
