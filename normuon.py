@@ -266,11 +266,12 @@ def statistic_along_columns(shape, neuron_axis: str) -> bool:
 
 
 def adamw_update(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list,
-                 lr, betas, eps, weight_decay) -> None:
+                 lr, betas, eps, weight_decay, capturable: bool = False) -> None:
     """AdamW for the parameters NorMuon does not train, in place: torch's own functional AdamW
     (torch.optim.AdamW's arithmetic, bit for bit), on several tensors at once where it can."""
-    torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=betas[0],
-                beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+    torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=capturable,
+                amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay,
+                eps=eps, maximize=False)
 
 
 def assign_owners(sizes: list, world_size: int) -> list:
@@ -292,6 +293,7 @@ MUON_KEYS = ("lr", "momentum", "beta2", "weight_decay", "nesterov", "ns_steps", 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 ADAMW_DEFAULTS = dict(betas=(0.9, 0.95), eps=1e-8)  # lr and weight_decay: the optimizer's
 TORCH_KEYS = ("params", "param_names", "use_muon", "initial_lr")  # torch's own and schedulers'
+SCHEDULED = ("lr", "weight_decay", "momentum", "beta2", "eps")  # read from tensors at each step
 
 
 class NorMuon(torch.optim.Optimizer):
@@ -328,7 +330,8 @@ class NorMuon(torch.optim.Optimizer):
     Distributed: DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's ``fully_shard``) or
     over the last axis of a 2-D (replicate, shard) mesh (HSDP) need no extra argument: see the
     module docstring for the plan. ``compile`` (default: on CUDA) runs the element-wise stages
-    under ``torch.compile``.
+    under ``torch.compile``. ``cuda_graph=True`` (CUDA only) records the whole step once as a CUDA
+    graph and replays it (see ``_graphed_step``): no per-kernel launch cost on small models.
     """
 
     def __init__(self, params, lr=1e-3, momentum: float = 0.95, beta2: float = 0.95,
@@ -336,7 +339,7 @@ class NorMuon(torch.optim.Optimizer):
                  ns_coefficients=MUON_COEFFICIENTS, eps: float = 1e-10,
                  adjust_lr_fn: str = "match_rms_adamw", normalize: bool = True,
                  cautious_weight_decay: bool = False, neuron_axis: str = "output",
-                 compile: bool = None):
+                 compile: bool = None, cuda_graph: bool = False):
         defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay,
                         nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                         eps=eps, adjust_lr_fn=adjust_lr_fn, normalize=normalize,
@@ -347,11 +350,11 @@ class NorMuon(torch.optim.Optimizer):
         if params is None:
             raise ValueError("NorMuon got params=None; pass model parameters or param groups "
                              "(normuon.split_parameters(model) makes them).")
-        self.compile = compile
+        self.compile, self.cuda_graph = compile, cuda_graph
         super().__init__(params, defaults)
 
-    def __getstate__(self):  # correctness: deepcopy and pickle keep every attribute
-        return {**super().__getstate__(), "compile": self.compile}
+    def __getstate__(self):  # correctness: deepcopy and pickle keep every public attribute
+        return {**super().__getstate__(), "compile": self.compile, "cuda_graph": self.cuda_graph}
 
     def add_param_group(self, param_group: dict) -> None:
         use_muon = param_group.get("use_muon", True)
@@ -368,6 +371,9 @@ class NorMuon(torch.optim.Optimizer):
         super().add_param_group(param_group)  # fills in the defaults; then check what will run
         group = self.param_groups[-1]
         try:
+            if self.cuda_graph and not all(_local(p).is_cuda for p in group["params"]):
+                raise ValueError("NorMuon: cuda_graph=True records the step as a CUDA graph and "
+                                 "needs CUDA parameters; leave it off on other devices.")
             if use_muon:
                 group["ns_coefficients"] = _as_tuples(group["ns_coefficients"])
                 _check_muon_group(group)
@@ -402,31 +408,94 @@ class NorMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if not group["use_muon"]:
-                self._adamw_step(group)
-        buckets = [(group, params) for group in self.param_groups if group["use_muon"]
-                   for params in _same_shape_buckets(group)]
-        owners = _owners([param for _, params in buckets for param in params])
-        for group, params in buckets:
-            self._step_bucket(group, params, [owners.get(id(p)) for p in params])
+        if self.cuda_graph:
+            self._graphed_step()
+        else:
+            self._load_scheduled()
+            self._step(capturable=False)
         return loss
 
-    def _adamw_step(self, group: dict) -> None:
-        """AdamW on the group's parameters that have a gradient; on each rank's shard if sharded."""
+    def _step(self, capturable: bool) -> None:
+        """One step of every group: AdamW's, then NorMuon's bucket by bucket (the plan above)."""
+        for index, group in enumerate(self.param_groups):
+            if not group["use_muon"] and group["params"]:
+                self._adamw_step(group, self._scheduled(index), capturable)
+        buckets = [(index, group, params) for index, group in enumerate(self.param_groups)
+                   if group["use_muon"] for params in _same_shape_buckets(group)]
+        owners = _owners([param for _, _, params in buckets for param in params])
+        for index, group, params in buckets:
+            self._step_bucket(group, params, [owners.get(id(p)) for p in params],
+                              self._scheduled(index))
+
+    def _scheduled(self, index: int) -> dict:
+        """Group ``index``'s SCHEDULED hyperparameters as 0-D tensors on its device, which
+        ``_load_scheduled`` refills before each step. Speed: a schedule changes their values, not
+        the compiled kernels or a captured graph."""
+        cache = self.__dict__.setdefault("_scheduled_tensors", {})
+        if index not in cache:
+            device = _local(self.param_groups[index]["params"][0]).device
+            cache[index] = {name: torch.zeros((), dtype=torch.float64, device=device)
+                            for name in SCHEDULED}
+        return cache[index]
+
+    def _load_scheduled(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            for name in (SCHEDULED if group["use_muon"] else ("lr",)) if group["params"] else ():
+                value, tensor = group[name], self._scheduled(index)[name]
+                tensor.copy_(value.reshape(())) if isinstance(value, Tensor) else tensor.fill_(value)
+
+    def _graphed_step(self) -> None:
+        """The step as one CUDA graph. The first step of a new set of parameters or settings runs
+        eagerly on a side stream (it creates the state and compiles); the next one is captured,
+        then replayed, and every later one only replayed. Gradients are copied into the captured
+        ones where autograd made new tensors (zero_grad(set_to_none=False) avoids the copy)."""
+        signature = _graph_signature(self.param_groups)
+        self._load_scheduled()  # correctness: outside the graph, so the schedule reaches it
+        captured = self.__dict__.get("_captured")
+        if captured is not None and captured[0] == signature:
+            _, graph, grads = captured
+            for param, static in grads:
+                if param.grad is not static:
+                    static.copy_(param.grad)
+                    param.grad = static
+            graph.replay()
+            return
+        if self.__dict__.get("_warm") != signature:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step(capturable=True)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.__dict__["_warm"] = signature
+            return
+        grads = [(p, p.grad) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(capturable=True)
+        graph.replay()  # the capture only recorded this step
+        self.__dict__["_captured"] = (signature, graph, grads)
+
+    def _adamw_step(self, group: dict, scheduled: dict, capturable: bool) -> None:
+        """AdamW on the group's parameters that have a gradient; on each rank's shard if sharded.
+        In a CUDA graph, torch's capturable AdamW reads lr and the step count on the GPU."""
         params = [p for p in group["params"] if p.grad is not None]
         for param in params:
-            if not self.state[param]:  # torch.optim.AdamW's state, so its checkpoints carry over
-                self.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                         exp_avg_sq=torch.zeros_like(param))
+            state = self.state[param]
+            if not state:  # torch.optim.AdamW's state, so its checkpoints carry over
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                             exp_avg_sq=torch.zeros_like(param))
+            if capturable:
+                state["step"] = state["step"].to(_local(param).device)
         state = [self.state[p] for p in params]
         exp_avgs = [_local(s["exp_avg"]) for s in state]
         exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in state]
+        lr = scheduled["lr"].float() if capturable else group["lr"]
         adamw_update([_local(p) for p in params], [_local(p.grad) for p in params], exp_avgs,
-                     exp_avg_sqs, [s["step"] for s in state], group["lr"], group["betas"],
-                     group["eps"], group["weight_decay"])
+                     exp_avg_sqs, [s["step"] for s in state], lr, group["betas"], group["eps"],
+                     group["weight_decay"], capturable)
 
-    def _step_bucket(self, group: dict, params: list, owners: list) -> None:
+    def _step_bucket(self, group: dict, params: list, owners: list, scheduled: dict) -> None:
         """Algorithm 1 for K parameters of one shape, all at once (speed: one batched NS and a few
         fused kernels per bucket, not a Python loop per matrix)."""
         layout, sharded = group["layout"], isinstance(params[0], DTensor)
@@ -446,10 +515,7 @@ class NorMuon(torch.optim.Optimizer):
         weights = [_local(p) for p in params]
         on = self.compile if self.compile is not None else weights[0].is_cuda
         compiled = _compiled if on else (lambda function: function)
-        # Speed: hyperparameters as 0-D tensors, so a schedule that changes them does not recompile.
-        lr, weight_decay, momentum, beta2, eps = (
-            torch.tensor(float(group[name]), dtype=torch.float64)
-            for name in ("lr", "weight_decay", "momentum", "beta2", "eps"))
+        lr, weight_decay, momentum, beta2, eps = (scheduled[name] for name in SCHEDULED)
 
         # 1. Momentum, locally (line 2).
         buffers = [_local(self.state[p]["momentum_buffer"]) for p in params]
@@ -556,6 +622,17 @@ def _compiled(function):
                 return compiled(*args)
         _COMPILED[function] = call
     return _COMPILED[function]
+
+
+def _graph_signature(param_groups: list) -> tuple:
+    """What a captured step depends on besides the scheduled values: which parameters have a
+    gradient, and every other setting the step reads."""
+    signature = []
+    for group in param_groups:
+        keys = [k for k in (MUON_KEYS if group["use_muon"] else ADAMW_KEYS) if k not in SCHEDULED]
+        with_grad = tuple(id(p) for p in group["params"] if p.grad is not None)
+        signature.append((with_grad, tuple(group[key] for key in keys)))
+    return tuple(signature)
 
 
 def _as_tuples(coefficients):

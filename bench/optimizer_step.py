@@ -3,10 +3,12 @@
     python bench/optimizer_step.py                 # writes bench/results/optimizer_step.json
 
 For torch.optim.AdamW(fused=True), torch.optim.Muon, our NorMuon (element-wise stages compiled, the
-default on CUDA, and not), and our Muon (normalize=False):
+default on CUDA, and not; and with cuda_graph=True, also with Polar Express), and our Muon
+(normalize=False, eager and with cuda_graph=True):
 median step time over 30 steps after 5 warm-up steps (CUDA events, fp32 parameters, fresh random
 gradients), the Newton–Schulz FLOPs per step, the TFLOP/s that implies, the bf16 matmul rate of
-this GPU measured in the same run (8192³), and optimizer-state bytes per parameter byte.
+this GPU measured in the same run (8192³), each step's ratio to the NS floor (NS FLOPs at that
+rate), and optimizer-state bytes per parameter byte.
 """
 
 import argparse
@@ -34,6 +36,12 @@ OPTIMIZERS = {
     "NorMuon (ours)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1),
     "NorMuon (ours, compile=False)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, compile=False),
     "Muon (ours, normalize=False)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, normalize=False),
+    "NorMuon (ours, cuda_graph=True)": lambda params: normuon.NorMuon(params, lr=1e-3, weight_decay=0.1,
+                                                                      cuda_graph=True),
+    "Muon (ours, normalize=False, cuda_graph=True)": lambda params: normuon.NorMuon(
+        params, lr=1e-3, weight_decay=0.1, normalize=False, cuda_graph=True),
+    "NorMuon (ours, Polar Express, cuda_graph=True)": lambda params: normuon.NorMuon(
+        params, lr=1e-3, weight_decay=0.1, ns_coefficients=normuon.POLAR_EXPRESS_COEFFICIENTS, cuda_graph=True),
 }
 
 
@@ -105,10 +113,15 @@ def main():
         for name, make in OPTIMIZERS.items():
             milliseconds, state_per_param = time_optimizer(make, shapes, warmup=5, repeats=args.repeats)
             row["optimizers"][name] = dict(ms=milliseconds, state_bytes_per_param_byte=state_per_param,
-                                           ns_tflops=None if name.startswith("AdamW") else flops / milliseconds / 1e9)
+                                           ns_tflops=None if name.startswith("AdamW") else flops / milliseconds / 1e9,
+                                           over_ns_floor=milliseconds / row["ns_floor_ms"])
+            print(f"{model} {name}: {milliseconds:.2f} ms ({milliseconds / row['ns_floor_ms']:.2f}x NS floor)",
+                  flush=True)
         ms = {name: entry["ms"] for name, entry in row["optimizers"].items()}
         row["normuon_over_torch_muon"] = ms["NorMuon (ours)"] / ms["Muon (torch)"]
         row["normuon_over_our_muon"] = ms["NorMuon (ours)"] / ms["Muon (ours, normalize=False)"]
+        row["graphed_normuon_over_graphed_muon"] = (ms["NorMuon (ours, cuda_graph=True)"]
+                                                    / ms["Muon (ours, normalize=False, cuda_graph=True)"])
         results["models"][model] = row
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
