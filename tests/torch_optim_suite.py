@@ -1,25 +1,25 @@
 """torch's own generic optimizer tests (TestOptimRenewed in pytorch's test/test_optim.py) for
-normuon.NorMuon, next to torch.optim.Muon: pass/fail counts side by side, and why each failure failed.
+normuon.NorMuon next to torch.optim.Muon: pass/fail counts side by side, and each failure's cause.
 
 Not part of CI: it needs torch's test source, which this repository does not include. To run it:
 
     pip install expecttest hypothesis
-    # torch's test/test_optim.py, ideally from the commit of the installed torch:
+    # torch's test/test_optim.py, best from the commit of the installed torch, which
     #   python -c "import torch; print(torch.__version__, torch.version.git_version)"
-    #   e.g. https://github.com/pytorch/pytorch/blob/<that commit>/test/test_optim.py -> /tmp/test_optim.py
-    python tests/torch_optim_suite.py /tmp/test_optim.py            # add -v for every test, -k WORD to filter
+    # prints: https://github.com/pytorch/pytorch/blob/<commit>/test/test_optim.py
+    python tests/torch_optim_suite.py /tmp/test_optim.py       # -v: every test; -k WORD: filter
 
-How it runs them. NorMuon gets an OptimizerInfo modelled on torch's optim_db entry for Muon: the same
-inputs (torch's optim_inputs_func_muon: default, lr, Tensor lr, weight_decay, momentum, ns_steps,
-ns_coefficients), the same flags (no foreach/fused/differentiable, no complex) and the same skips and
-decorators; its error inputs are torch's common ones plus NorMuon's own messages for the cases torch
-checks for Muon (a 1-D or 3-D parameter, an unknown adjust_lr_fn, a complex parameter). optim_db is
-narrowed to these two entries before test_optim.py is executed. torch's tests give Muon only 2-D
-parameters by testing ``optim_cls.__name__ == "Muon"``; NorMuon has the same contract (weight matrices
-only), so those name tests are widened to ("Muon", "NorMuon") and the count of rewrites is printed.
-test_optim.py's imports of its sibling test modules (optim.test_lrscheduler, ...) are replaced by
-empty stubs: only TestOptimRenewed runs. "Applies" means instantiated for Muon on this device and not
-skipped there.
+How it runs them. NorMuon gets an OptimizerInfo modelled on torch's optim_db entry for Muon: the
+same inputs (torch's optim_inputs_func_muon: default, lr, Tensor lr, weight_decay, momentum,
+ns_steps, ns_coefficients), the same flags (no foreach/fused/differentiable, no complex) and the
+same skips and decorators; its error inputs are torch's common ones plus NorMuon's own messages for
+what torch checks for Muon (a 1-D or 3-D parameter, an unknown adjust_lr_fn, a complex parameter).
+optim_db is narrowed to these two entries before test_optim.py is executed. torch's tests give Muon
+only 2-D parameters by testing ``optim_cls.__name__ == "Muon"``; NorMuon has the same contract
+(weight matrices only), so those name tests are widened to ("Muon", "NorMuon"), and the number of
+rewrites is printed. test_optim.py's imports of its sibling modules (optim.test_lrscheduler, ...)
+get empty stubs: only TestOptimRenewed runs. "Apply" means: instantiated for Muon on this device
+and not skipped there.
 """
 
 import argparse
@@ -42,10 +42,13 @@ def parse_arguments():
 
 
 def stub_sibling_test_modules():
-    """test_optim.py imports TestLRScheduler etc. from test/optim/; TestOptimRenewed needs none of them."""
+    """test_optim.py imports TestLRScheduler etc. from test/optim/; TestOptimRenewed needs none."""
     sys.modules["optim"] = types.ModuleType("optim")
-    for module, names in {"test_lrscheduler": ["TestLRScheduler"], "test_optim": ["TestDifferentiableOptimizer"],
-                          "test_swa_utils": ["TestSWAUtils"]}.items():
+    for module, names in {
+        "test_lrscheduler": ["TestLRScheduler"],
+        "test_optim": ["TestDifferentiableOptimizer"],
+        "test_swa_utils": ["TestSWAUtils"],
+    }.items():
         stub = types.ModuleType(f"optim.{module}")
         for name in names:
             setattr(stub, name, type(name, (), {}))
@@ -53,7 +56,7 @@ def stub_sibling_test_modules():
 
 
 def normuon_error_inputs(device, dtype):
-    """torch's error inputs for every optimizer, and NorMuon's messages for what torch checks for Muon."""
+    """torch's error inputs for all optimizers and NorMuon's for what torch checks for Muon."""
     import torch
     from torch.testing._internal import common_optimizers as co
 
@@ -63,17 +66,32 @@ def normuon_error_inputs(device, dtype):
         return tensor
 
     def construction_error(params, kwargs, desc, regex):
-        return co.ErrorOptimizerInput(co.OptimizerInput(params=params, kwargs=kwargs, desc=desc),
-                                      error_type=ValueError, error_regex=regex,
-                                      error_on=co.OptimizerErrorEnum.CONSTRUCTION_ERROR)
+        return co.ErrorOptimizerInput(
+            co.OptimizerInput(params=params, kwargs=kwargs, desc=desc),
+            error_type=ValueError,
+            error_regex=regex,
+            error_on=co.OptimizerErrorEnum.CONSTRUCTION_ERROR,
+        )
 
     return co.get_error_inputs_for_all_optims(device, dtype) + [
-        construction_error([parameter(4)], {}, "a 1-D parameter", r"trains weight matrices \(>= 2-D\)"),
-        construction_error([parameter(2, 3, 4)], {}, "a 3-D parameter without a layout", "3-D parameter"),
-        construction_error([parameter(2, 3)], {"adjust_lr_fn": "arbitrary"}, "unknown adjust_lr_fn",
-                           "adjust_lr_fn must be one of"),
-        construction_error([parameter(2, 3, dtype=torch.complex64)], {}, "a complex parameter",
-                           "does not support complex parameters"),
+        construction_error(
+            [parameter(4)], {}, "a 1-D parameter", r"trains weight matrices \(>= 2-D\)"
+        ),
+        construction_error(
+            [parameter(2, 3, 4)], {}, "a 3-D parameter without a layout", "3-D parameter"
+        ),
+        construction_error(
+            [parameter(2, 3)],
+            {"adjust_lr_fn": "arbitrary"},
+            "unknown adjust_lr_fn",
+            "adjust_lr_fn must be one of",
+        ),
+        construction_error(
+            [parameter(2, 3, dtype=torch.complex64)],
+            {},
+            "a complex parameter",
+            "does not support complex parameters",
+        ),
     ]
 
 
@@ -85,13 +103,22 @@ def narrow_optim_db():
 
     muon = next(info for info in co.optim_db if info.name == "Muon")
     entry = co.OptimizerInfo(
-        normuon.NorMuon, optim_inputs_func=muon.optim_inputs_func, optim_error_inputs_func=normuon_error_inputs,
-        scheduler_inputs=muon.scheduler_inputs, supported_impls=muon.supported_impls,
-        not_og_supported_flags=muon.not_og_supported_flags, supports_complex=muon.supports_complex,
-        supports_sparse=muon.supports_sparse, only_supports_sparse_grads=muon.only_supports_sparse_grads,
-        step_requires_closure=muon.step_requires_closure, supports_param_groups=muon.supports_param_groups,
-        supports_multiple_devices=muon.supports_multiple_devices, supports_fused_on=muon.supports_fused_on,
-        has_capturable_arg=muon.has_capturable_arg, decorators=list(muon.decorators))
+        normuon.NorMuon,
+        optim_inputs_func=muon.optim_inputs_func,
+        optim_error_inputs_func=normuon_error_inputs,
+        scheduler_inputs=muon.scheduler_inputs,
+        supported_impls=muon.supported_impls,
+        not_og_supported_flags=muon.not_og_supported_flags,
+        supports_complex=muon.supports_complex,
+        supports_sparse=muon.supports_sparse,
+        only_supports_sparse_grads=muon.only_supports_sparse_grads,
+        step_requires_closure=muon.step_requires_closure,
+        supports_param_groups=muon.supports_param_groups,
+        supports_multiple_devices=muon.supports_multiple_devices,
+        supports_fused_on=muon.supports_fused_on,
+        has_capturable_arg=muon.has_capturable_arg,
+        decorators=list(muon.decorators),
+    )
     co.optim_db[:] = [muon, entry]
 
 
@@ -100,7 +127,8 @@ def load_test_module(path: Path):
     source = path.read_text()
     rewrites = source.count('__name__ == "Muon"') + source.count('__name__ != "Muon"')
     source = source.replace('__name__ == "Muon"', "__name__ in MUON_LIKE").replace(
-        '__name__ != "Muon"', "__name__ not in MUON_LIKE")
+        '__name__ != "Muon"', "__name__ not in MUON_LIKE"
+    )
     module = types.ModuleType("test_optim")
     module.__file__ = str(path)
     module.MUON_LIKE = NAMES
@@ -156,37 +184,52 @@ def main():
     print(f"{arguments.test_optim}: {rewrites} Muon-only name tests widened to {NAMES}")
 
     suite = unittest.TestSuite()
-    for test_case in [value for key, value in vars(module).items() if key.startswith("TestOptimRenewed")
-                      and isinstance(value, type) and key != "TestOptimRenewed"]:
+    device_classes = [
+        value
+        for key, value in vars(module).items()  # TestOptimRenewedCPU, ...
+        if key.startswith("TestOptimRenewed") and key != "TestOptimRenewed"
+    ]
+    for test_case in device_classes:
         for test in unittest.defaultTestLoader.loadTestsFromTestCase(test_case):
             if split_name(test.id())[0] and arguments.k in test.id():
                 suite.addTest(test)
     result = Outcomes()
     suite.run(result)
 
-    table = collections.defaultdict(dict)
+    table = collections.defaultdict(dict)  # test -> {"Muon": outcome, "NorMuon": outcome}
     for test_id, outcome in result.outcomes.items():
         test, name = split_name(test_id)
         table[test][name] = outcome
-    applies = [test for test in sorted(table) if table[test].get("Muon", ("skip",))[0] not in ("skip",)]
-    counts = {name: sum(table[test].get(name, ("missing",))[0] == "pass" for test in applies) for name in NAMES}
-    width = max(map(len, table), default=10)
-    if arguments.v:
+    return report(table, arguments.v)
+
+
+def status(table, test, name):
+    return table[test].get(name, ("missing", ""))[0]
+
+
+def report(table, verbose: bool) -> int:
+    """Print the counts (and with ``verbose`` every test); 0 if NorMuon passes all that apply."""
+    tests = sorted(table)
+    applies = [test for test in tests if status(table, test, "Muon") != "skip"]
+    if verbose:
+        width = max(map(len, tests), default=10)
         print(f"{'test':<{width}}  {'Muon':<6} NorMuon")
-        for test in sorted(table):
-            print(f"{test:<{width}}  {table[test].get('Muon', ('-',))[0]:<6} {table[test].get('NorMuon', ('-',))[0]}")
-    print(f"\nTests that apply to torch.optim.Muon here (instantiated for it and not skipped): {len(applies)}")
+        for test in tests:
+            muon, ours = status(table, test, "Muon"), status(table, test, "NorMuon")
+            print(f"{test:<{width}}  {muon:<6} {ours}")
+    print(
+        f"\nInstantiated for torch.optim.Muon: {len(tests)}; skipped for it on this device: "
+        f"{len(tests) - len(applies)}; the {len(applies)} that apply:"
+    )
+    passes = {name: sum(status(table, test, name) == "pass" for test in applies) for name in NAMES}
     for name in NAMES:
-        print(f"  {name:<8} passes {counts[name]}/{len(applies)}")
-    for name in NAMES:
-        for test in sorted(table):
-            status, detail = table[test].get(name, ("missing", ""))
-            if status in ("FAIL", "missing") or (test in applies and status != "pass"):
-                print(f"  {name} {status}: {test}: {detail}")
-    others = [test for test in sorted(table) if test not in applies and table[test].get("NorMuon", ("",))[0] == "pass"]
-    if others:
-        print(f"NorMuon also passes {len(others)} test(s) skipped for Muon here: {', '.join(others)}")
-    return 0 if counts["NorMuon"] == len(applies) else 1
+        print(f"  {name:<8} passes {passes[name]}/{len(applies)}")
+    for test in tests:
+        for name in NAMES:
+            outcome, detail = table[test].get(name, ("missing", ""))
+            if outcome != "pass" and (test in applies or outcome != "skip"):
+                print(f"  {name} {outcome}: {test}: {detail}")
+    return 0 if passes["NorMuon"] == len(applies) else 1
 
 
 if __name__ == "__main__":
