@@ -396,6 +396,9 @@ def test_deepcopy_and_pickle_keep_every_public_attribute(compile, how):
         copied = pickle.loads(pickle.dumps(optimizer))
     assert public_attributes(copied).keys() == public_attributes(optimizer).keys()
     assert copied.compile is compile
+    for key, value in public_attributes(optimizer).items():  # compile, cuda_graph, ...
+        if key not in ("defaults", "state", "param_groups"):
+            assert public_attributes(copied)[key] == value, key
     # torch's Optimizer.__setstate__ adds differentiable=False to the defaults of any optimizer
     without_torch_default = {k: v for k, v in copied.defaults.items() if k != "differentiable"}
     assert without_torch_default == optimizer.defaults
