@@ -19,17 +19,21 @@ def test_cuda_graph_needs_cuda_parameters():
     neuron_axis="larger", cautious_weight_decay=True, ns_coefficients=normuon.POLAR_EXPRESS_COEFFICIENTS)],
     ids=["normuon", "muon", "options"])
 def test_captured_step_equals_eager(settings):
-    """NorMuon's kernels are the same in both: equal to fp32 rounding of the compiled stages (bound
-    1e-6 relative per parameter). AdamW differs only in where its bias corrections are computed
-    (torch's capturable path: fp32 on the GPU): bound 1e-5."""
+    """The same functions and kernels in both: NorMuon's parameters end bit-identical (measured on
+    an H200, torch 2.11: 0.0; bound 1e-6 relative to the change, in case cuBLAS picks another GEMM
+    algorithm inside a capture). AdamW differs only where its bias corrections are computed (torch's
+    capturable path, on the GPU in fp32): measured 2.7e-7, bound 1e-5. A schedule that did not reach
+    the graph (lr falls 8x here) would be off by far more."""
     torch.manual_seed(0)
     shapes = [(96, 32), (96, 32), (32, 128), (64,)]
     def build(cuda_graph):
+        torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(shape, device="cuda") * 0.1) for shape in shapes]
         groups = [dict(params=params[:3]), dict(params=params[3:], use_muon=False, lr=3e-3)]
         return params, normuon.NorMuon(groups, lr=0.02, weight_decay=0.1, cuda_graph=cuda_graph,
                                        **settings)
     (eager, eager_opt), (graphed, graphed_opt) = build(False), build(True)
+    initial = [p.detach().clone() for p in eager]
     for step in range(8):
         for p, q in zip(eager, graphed):
             p.grad = torch.randn_like(p)
@@ -38,6 +42,6 @@ def test_captured_step_equals_eager(settings):
             optimizer.param_groups[0]["lr"] = 0.02 * (1 - step / 8)  # a schedule reaches the graph
             optimizer.step()
     assert "_captured" in graphed_opt.__dict__  # the later steps were replays
-    for k, (p, q) in enumerate(zip(eager, graphed)):
-        bound = 1e-5 if k == 3 else 1e-6
-        assert ((p - q).norm() / p.norm()).item() < bound, k
+    errors = [((p - q).norm() / (p - p0).norm()).item() for p, q, p0 in zip(eager, graphed, initial)]
+    print("relative difference of the parameter change, per parameter:", errors)
+    assert max(errors[:3]) < 1e-6 and errors[3] < 1e-5, errors
