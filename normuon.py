@@ -442,7 +442,10 @@ class NorMuon(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             for name in (SCHEDULED if group["use_muon"] else ("lr",)) if group["params"] else ():
                 value, tensor = group[name], self._scheduled(index)[name]
-                tensor.copy_(value.reshape(())) if isinstance(value, Tensor) else tensor.fill_(value)
+                if isinstance(value, Tensor):  # a Tensor lr: copied on the device, no host sync
+                    tensor.copy_(value.reshape(()))
+                else:
+                    tensor.fill_(value)
 
     def _graphed_step(self) -> None:
         """The step as one CUDA graph. The first step of a new set of parameters or settings runs
