@@ -1,6 +1,7 @@
 """Muon vs NorMuon on transformers' GPT-2 124M, whose Conv1D weights keep the output neurons in columns.
 
     python bench/hf_gpt2.py                # one GPU, 6 minutes at most; writes bench/results/hf_gpt2.json
+    python bench/hf_gpt2.py --resume       # keep the finished runs of that file and run what the sweep still needs
     python bench/hf_gpt2.py --tiny         # a tiny model for a few steps on CPU: checks that the script runs
 
 The default Shakespeare corpus must be prepared first (it is downloaded once, so on a machine with network):
@@ -14,14 +15,15 @@ Protocol (every number is a flag):
   (8,192 tokens a step, 2.5M in all: about half a pass over the 4.73M training tokens), drawn from the run's
   seed, so Muon and NorMuon see the same batches at the same seed; validation loss on the whole held-out
   text (3 plays, 330k tokens, in consecutive windows) every 50 steps and at the end.
-- Optimizers: the hidden matrices (split_parameters: every Conv1D weight, layout "in_out") get Muon
-  (``NorMuon(normalize=False)``) or NorMuon, match_rms_adamw scaling, weight decay 0.1; embeddings, norms
-  and biases get AdamW (lr 3e-3, betas (0.9, 0.95), no weight decay). Linear warmup of 30 steps, then
-  linear decay to 0, for both.
+- Optimizers: one ``NorMuon`` on ``split_parameters``' groups: the hidden matrices (every Conv1D weight,
+  layout "in_out") get Muon (``normalize=False``), NorMuon (one second moment per output neuron, the paper)
+  or NorMuon with ``neuron_axis="larger"`` (along each matrix's larger dimension, as modded-nanogpt and
+  nanochat), match_rms_adamw scaling, weight decay 0.1; embeddings, norms and biases get AdamW (lr 3e-3,
+  betas (0.9, 0.95), no weight decay). Linear warmup of 30 steps, then linear decay to 0, for both.
 - Learning rates: an equal lr is not an equal step (NorMuon's update RMS is exactly 0.2·lr, Muon's is
-  0.2·lr times the RMS of Newton–Schulz's singular values), so each optimizer gets its own sweep
-  (1.5e-3, 3e-3, 6e-3 at seed 0), then seeds 1 and 2 at its best lr. A seed sets the initialization and
-  the batches.
+  0.2·lr times the RMS of Newton–Schulz's singular values), so each optimizer gets its own sweep at seed 0:
+  1.5e-3, 3e-3, 6e-3, then, while its best lr is the lowest (highest) of its sweep, half (twice) that lr,
+  up to --max_lrs points; then seeds 1 and 2 at its best lr. A seed sets the initialization and the batches.
 - Reported: final validation loss per run; per optimizer, mean and range over the 3 seeds at its best lr.
   For one matrix (block 6's MLP up-projection, 3072 neurons of 768 inputs) the spread (coefficient of
   variation) of the latest update's per-neuron norms along the output-neuron axis (columns) and along
@@ -57,7 +59,9 @@ sys.path.insert(0, str(REPO))
 import normuon  # noqa: E402
 import train_gpt  # noqa: E402
 
-OPTIMIZERS = ("muon", "normuon")
+OPTIMIZERS = ("muon", "normuon", "normuon_larger")
+NOT_PROTOCOL = ("worker", "out", "resume")  # flags that do not change a run
+SWEEP_SETTINGS = ("lrs", "max_lrs", "seeds", "jobs", "deadline_minutes", "data_dir", "tiny")  # may differ on resume
 transformers.logging.set_verbosity_error()
 TRACKED = "transformer.h.{}.mlp.c_fc.weight"  # (768, 3072) Conv1D: 3072 output neurons, in columns
 
@@ -65,7 +69,9 @@ TRACKED = "transformer.h.{}.mlp.c_fc.weight"  # (768, 3072) Conv1D: 3072 output 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1.5e-3, 3e-3, 6e-3], help="sweep of the hidden matrices' lr")
+    parser.add_argument("--max_lrs", type=int, default=6, help="most lrs in one optimizer's sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first is the sweep's")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs of --out (same protocol)")
     parser.add_argument("--adamw_lr", type=float, default=3e-3)
     parser.add_argument("--weight_decay", type=float, default=0.1, help="of the hidden matrices (decoupled)")
     parser.add_argument("--steps", type=int, default=300)
@@ -107,16 +113,16 @@ def build_model(args, seed: int, device: torch.device):
     return transformers.GPT2LMHeadModel(config).to(device)
 
 
-def build_optimizers(model, optimizer: str, lr: float, args) -> list:
-    """Muon or NorMuon on split_parameters' groups (each with its layout), AdamW on the rest."""
-    groups, rest = normuon.split_parameters(model)
-    hidden = normuon.NorMuon(groups, lr=lr, weight_decay=args.weight_decay, normalize=optimizer == "normuon")
-    adamw = torch.optim.AdamW(rest, lr=args.adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
+def build_optimizer(model, optimizer: str, lr: float, args):
+    """Muon, NorMuon or NorMuon along the larger dimension on split_parameters' groups (each with its
+    layout), AdamW on the rest: one optimizer. Each group keeps its peak lr for the schedule."""
+    groups = normuon.split_parameters(model, adamw_lr=args.adamw_lr, adamw_betas=(0.9, 0.95))
+    axis = "larger" if optimizer == "normuon_larger" else "output"
+    hidden = normuon.NorMuon(groups, lr=lr, weight_decay=args.weight_decay, normalize=optimizer != "muon",
+                             neuron_axis=axis)
     for group in hidden.param_groups:
-        group["peak_lr"] = lr
-    for group in adamw.param_groups:
-        group["peak_lr"] = args.adamw_lr
-    return [hidden, adamw]
+        group["peak_lr"] = group["lr"]
+    return hidden
 
 
 def update_stats(before: torch.Tensor, after: torch.Tensor, lr: float, weight_decay: float, layout: str) -> dict:
@@ -151,7 +157,7 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args, seed, device)
-    optimizers = build_optimizers(model, optimizer_name, lr, args)
+    optimizer = build_optimizer(model, optimizer_name, lr, args)
     forward = torch.compile(model) if args.compile else model
     train, val = train_gpt.load_shakespeare(args.data_dir)
     batches = random_batches(train, args.batch_size, args.seq_len, seed, device)
@@ -159,7 +165,7 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     tracked_name = TRACKED.format(args.n_layer // 2)
     tracked = model.get_parameter(tracked_name)
-    layout = next(g["layout"] for g in optimizers[0].param_groups if any(p is tracked for p in g["params"]))
+    layout = next(g["layout"] for g in optimizer.param_groups if any(p is tracked for p in g["params"]))
 
     def loss_of(x, y, reduction="mean"):
         with autocast:
@@ -184,7 +190,8 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
         return total
 
     record = dict(optimizer=optimizer_name, lr=lr, seed=seed, layout_tracked=layout, tracked=tracked_name,
-                  val_curve=[], update_stats=[], status="done")
+                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, val_curve=[], update_stats=[], status="done")
     synchronize()
     started = time.perf_counter()
     for step in range(args.steps):
@@ -192,24 +199,23 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
             record["status"] = "timeout"
             break
         factor = train_gpt.learning_rate_factor(step, args.warmup_steps, args.steps)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
         x, y = next(batches)
         loss = loss_of(x, y)
         loss.backward()
         done = step + 1
         log_now = done == 1 or done % args.eval_every == 0 or done == args.steps
         before = tracked.detach().clone() if log_now else None
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item() if log_now else None  # speed: no host sync on other steps
         if log_now:
             if not math.isfinite(train_loss):
                 record["status"] = "diverged"
                 break
-            stats = update_stats(before, tracked.detach(), optimizers[0].param_groups[0]["lr"], args.weight_decay, layout)
+            hidden_lr = optimizer.param_groups[0]["lr"]  # split_parameters puts the matrices' groups first
+            stats = update_stats(before, tracked.detach(), hidden_lr, args.weight_decay, layout)
             record["update_stats"].append(dict(step=done, **stats))
             if done != 1:
                 record["val_curve"].append(dict(step=done, val_loss=evaluate(), train_loss=train_loss))
@@ -235,7 +241,23 @@ class Results:
             script="bench/hf_gpt2.py", argv=sys.argv[1:], date=datetime.date.today().isoformat(),
             device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             torch=torch.__version__, transformers=transformers.__version__,
-            protocol={k: v for k, v in vars(args).items() if k not in ("worker", "out")})
+            protocol={k: v for k, v in vars(args).items() if k not in NOT_PROTOCOL})
+        if args.resume and self.path.exists():
+            self.resume(json.loads(self.path.read_text()))
+
+    def resume(self, saved: dict) -> None:
+        """Keep the saved runs that ended (done or diverged) if they ran under the same protocol."""
+        mine, theirs = self.header["protocol"], saved["protocol"]
+        differ = [k for k in mine if k not in SWEEP_SETTINGS and k in theirs and mine[k] != theirs[k]]
+        if differ:
+            sys.exit(f"error: --resume: {self.path} was made with other {', '.join(differ)}; "
+                     "use the same flags or another --out.")
+        for run in saved["runs"]:
+            run.setdefault("device", saved["device"])
+            run.setdefault("torch", saved["torch"])
+        self.runs = [r for r in saved["runs"] if r["status"] in ("done", "diverged")]
+        self.header["date"] = ", ".join(sorted({*saved["date"].split(", "), self.header["date"]}))
+        self.header["device"] = ", ".join(sorted({r["device"] for r in self.runs} | {self.header["device"]}))
 
     def add(self, record: dict) -> None:
         with self.lock:
@@ -259,6 +281,23 @@ def find(runs, optimizer, lr, seed):
     return next((r for r in runs if (r["optimizer"], r["lr"], r["seed"]) == (optimizer, lr, seed)), None)
 
 
+def sweep_lrs(runs, optimizer: str, protocol: dict) -> tuple:
+    """(the optimizer's sweep so far, whether it is complete): --lrs, then half the lowest (twice the highest)
+    lr while the best finished lr is the lowest (highest), up to --max_lrs points."""
+    lrs, seed = sorted(protocol["lrs"]), protocol["seeds"][0]
+    while True:
+        if any(find(runs, optimizer, lr, seed) is None for lr in lrs):
+            return lrs, False
+        finals = [final_loss(find(runs, optimizer, lr, seed)) for lr in lrs]
+        best = finals.index(min(finals))
+        if len(lrs) < protocol["max_lrs"] and best == 0:
+            lrs = [lrs[0] / 2] + lrs
+        elif len(lrs) < protocol["max_lrs"] and best == len(lrs) - 1 and math.isfinite(finals[best]):
+            lrs = lrs + [lrs[-1] * 2]
+        else:
+            return lrs, True
+
+
 def best_lr(runs, optimizer, lrs, seed):
     """The sweep's lowest final val loss, or None if no sweep run of this optimizer finished."""
     finals = {lr: final_loss(find(runs, optimizer, lr, seed)) for lr in lrs}
@@ -272,15 +311,16 @@ def _finite_or_none(value: float):
 
 def summarize(runs, protocol) -> dict:
     """Per optimizer: the sweep's final val losses (None: not finished), its best lr, and the seeds there."""
-    lrs, seeds = protocol["lrs"], protocol["seeds"]
-    summary = {}
+    seeds, summary = protocol["seeds"], {}
     for optimizer in OPTIMIZERS:
+        lrs, complete = sweep_lrs(runs, optimizer, protocol)
         lr = best_lr(runs, optimizer, lrs, seeds[0])
         finals = [final_loss(find(runs, optimizer, lr, seed)) for seed in seeds] if lr is not None else []
         finals = [f for f in finals if math.isfinite(f)]
         last = find(runs, optimizer, lr, seeds[0]) if lr is not None else None
         summary[optimizer] = dict(
             sweep={f"{x:g}": _finite_or_none(final_loss(find(runs, optimizer, x, seeds[0]))) for x in lrs},
+            sweep_complete=complete,
             best_lr=lr, best_lr_at_grid_edge=lr in (min(lrs), max(lrs)) if lr is not None else None,
             seeds_done=len(finals), final_val_losses=finals,
             mean=statistics.mean(finals) if finals else None,
@@ -326,9 +366,10 @@ def run_all(args, specs, results: Results, deadline: float) -> None:
 def print_table(results: Results) -> None:
     protocol, summary = results.header["protocol"], summarize(results.runs, results.header["protocol"])
     print(f"\n{results.header['device']}, torch {results.header['torch']}, transformers {results.header['transformers']}")
-    print(f"final val loss, sweep at seed {protocol['seeds'][0]}: " + "  ".join(f"lr {lr:g}" for lr in protocol["lrs"]))
+    print(f"final val loss, sweep at seed {protocol['seeds'][0]}:")
     for optimizer, row in summary.items():
-        print(f"  {optimizer:8s} " + "  ".join("       -" if loss is None else f"{loss:8.4f}" for loss in row["sweep"].values()))
+        print(f"  {optimizer:14s} " + "  ".join(f"lr {lr}: " + ("-" if loss is None else f"{loss:.4f}")
+                                                for lr, loss in row["sweep"].items()))
     print("at each one's best lr, over seeds:")
     for optimizer, row in summary.items():
         if row["mean"] is None:
@@ -354,13 +395,20 @@ def main() -> None:
     deadline = time.time() + 60 * args.deadline_minutes
     results = Results(args)
     results.write()
-    middle_first = sorted(args.lrs, key=lambda lr: abs(math.log(lr) - statistics.mean(map(math.log, args.lrs))))
-    print(f"sweep: {len(args.lrs)} lrs x {len(OPTIMIZERS)} optimizers, seed {args.seeds[0]}", flush=True)
-    run_all(args, [(o, lr, args.seeds[0]) for lr in middle_first for o in OPTIMIZERS], results, deadline)
-    best = {o: best_lr(results.runs, o, args.lrs, args.seeds[0]) for o in OPTIMIZERS}
+    centre = statistics.mean(map(math.log, args.lrs))
+    print(f"sweep: {args.lrs} per optimizer ({', '.join(OPTIMIZERS)}), seed {args.seeds[0]}, extended while "
+          f"the best is at an edge", flush=True)
+    while time.time() < deadline:  # each round: what every optimizer's sweep needs next, middle lrs first
+        needed = [(o, lr, args.seeds[0]) for o in OPTIMIZERS for lr in sweep_lrs(results.runs, o, results.header["protocol"])[0]
+                  if find(results.runs, o, lr, args.seeds[0]) is None]
+        if not needed:
+            break
+        run_all(args, sorted(needed, key=lambda spec: abs(math.log(spec[1]) - centre)), results, deadline)
+    sweeps = {o: sweep_lrs(results.runs, o, results.header["protocol"])[0] for o in OPTIMIZERS}
+    best = {o: best_lr(results.runs, o, sweeps[o], args.seeds[0]) for o in OPTIMIZERS}
     print(f"seeds {args.seeds[1:]} at the best lrs {best}", flush=True)
-    run_all(args, [(o, best[o], seed) for seed in args.seeds[1:] for o in OPTIMIZERS if best[o] is not None],
-            results, deadline)
+    run_all(args, [(o, best[o], seed) for seed in args.seeds[1:] for o in OPTIMIZERS
+                   if best[o] is not None and find(results.runs, o, best[o], seed) is None], results, deadline)
     print_table(results)
 
 

@@ -1,15 +1,61 @@
-"""The paper's training-efficiency claim at small scale: NorMuon vs Muon vs AdamW on one GPU (protocol v2).
+"""The paper's training-efficiency claim at small scale: NorMuon vs Muon vs AdamW on one GPU (protocols v2, v3).
 
-    python bench/paper_claim.py run --phase all --deadline_minutes 8 --parallel 8   # resumable, deadline-driven
+    python bench/paper_claim.py run --phase v3 --deadline_minutes 7 --parallel 6   # resumable, deadline-driven
     python bench/paper_claim.py pack results.tar      # the finished runs (and the record of each `run`) in one file
-    python bench/paper_claim.py unpack results.tar    # merge them back into bench/results/paper_claim/
-    python bench/paper_claim.py report                # bench/results/paper_claim.json and .png, from saved metrics
+    python bench/paper_claim.py unpack results.tar    # merge them back into bench/results/
+    python bench/paper_claim.py report                # the v2 and v3 JSON and plots, from saved metrics
 
-`run` starts train_gpt.py processes side by side on the GPU (--parallel), only those it expects to finish
-before the deadline (from the speed measured so far), skips runs already finished, and at the deadline kills
-and discards unfinished ones. --phase tune: the tuning runs; report: the reporting runs of each optimizer
-whose tuning is complete; all: both, tuning first. PAPER_CLAIM_TINY=1 shrinks everything (tiny model, 40 steps,
-a text file of Python's own sources, results under out/) to check the whole pipeline on a CPU in minutes.
+`run` starts training processes side by side on the GPU (--parallel), only those it expects to finish before
+the deadline (from the speed measured so far), skips runs already finished, stops the lowest-priority runs when
+the measured speed says not all running ones can finish, and at the deadline kills and discards unfinished ones.
+Phases: v2's tune, report and all (10.9M model, bench/results/paper_claim/); v3's claim, axis and v3 (both, in
+that order; bench/results/paper_claim_v3/). Each training process is `paper_claim.py train`: train_gpt.py's own
+run, with two things its flags cannot say set in that process first: a model shape that is no preset, and
+NorMuon's neuron_axis. PAPER_CLAIM_TINY=1 shrinks everything (tiny models, 40-60 steps, a text file of Python's
+own sources, results under out/) to check the whole pipeline on a CPU in minutes.
+
+Protocol v3, fixed before its first run
+---------------------------------------
+Questions: (1) scale: is NorMuon − Muon more negative for a model 2.3x larger than v2's, at the same tokens per
+parameter, data and schedule shape? (2) axis: does NorMuon with its second moment along each matrix's larger
+dimension (modded-nanogpt, nanochat: `neuron_axis="larger"`) end lower or higher than the paper's one per output
+neuron? In this GPT only the MLP down-projections (512 x 2048, wide) differ between the two; every other hidden
+matrix is square or tall, so both keep one number per row there.
+
+- Sizes: v2's 10.9M model (its finished runs reused: same data, flags and seeds) and 25.6M parameters: 8 layers,
+  8 heads, width 512, context 256 (the largest model whose paired runs fit the GPU time at hand: cost grows as the
+  square of the size at fixed tokens per parameter). 25.6M: 2400 steps of 128 x 256 tokens = 78.6M tokens (3.07
+  per parameter; v2: 3.00), single pass (133.4M training tokens); validation every 120 steps (20 times, as v2) on
+  v2's 10 batches; everything else as v2 (warmup 5%, linear decay to 0, weight decay 0.1, AdamW at 4e-3 on
+  embeddings, head and norms, bf16 autocast, no compile). NorMuon's element-wise stages run eagerly (compile=False),
+  as in v2, so that new 10.9M runs pair with v2's.
+- Learning rates, fixed before any 25.6M run: v2's tuned lrs scaled by sqrt(384/512) = 0.87 (holding the
+  update's spectral norm fixed as the width grows: the RMS-matched update of an m x n matrix has spectral norm
+  0.2·lr·sqrt(max(m, n))) and rounded to the nearest point of v2's √2 grid, which is v2's own point: Muon 5.66e-3
+  (k = 5), NorMuon 4e-3 (k = 4); NorMuon along the larger dimension takes NorMuon's lr at both sizes (its update
+  RMS is the same 0.2·lr). v2's rule (tune on seed 0, then 5 seeds) needs a second round of runs at 25.6M that
+  does not fit, so instead the lr is checked, not chosen: at seed 1, each of Muon and NorMuon also runs one grid
+  point below (k − 1, the direction the scaling predicts) and then one above (k + 1). The verdict is stated at the
+  fixed lrs; if a bracket point ends lower than the reported lr at seed 1, the report says so next to it.
+- Reporting: seeds 1..5 at each optimizer's lr, paired by seed (same init and data order). At 10.9M the new runs
+  are NorMuon along the larger dimension at v2's NorMuon settings, seeds 1..5, and one control: v2's NorMuon
+  seed 1 run again with the current code (its difference from v2's result says whether new runs pair with v2's).
+- Reported (bench/results/paper_claim_v3.json, .png): per size, final validation loss (per seed, mean, range);
+  paired NorMuon − Muon, NorMuon(larger) − NorMuon, NorMuon(larger) − Muon with 95% t intervals and v2's verdict
+  rule ("not resolved" with its bound); the change of NorMuon − Muon from 10.9M to 25.6M with a Welch 95% interval
+  (sizes are not paired); steps to a reference's seed-mean final loss by the paper's metric (first evaluation of
+  the seed-mean curve at or below it): each orthogonalizing optimizer to Muon's final loss at both sizes, to
+  AdamW's at 10.9M; the lr bracket; the control. A plot of the gaps against size.
+- Cuts, decided now for the GPU time at hand (about 13 minutes on one H200 in two calls): no AdamW, no lr grid
+  and no shortened schedules at 25.6M (so no steps to AdamW's loss there, and the steps-to-target is the
+  paper's metric alone); the larger-dimension variant is not tuned. Runs start in this priority order and
+  whatever does not fit is missing (listed in the report): 25.6M Muon and NorMuon seeds 1..3; their k − 1
+  points; seeds 4, 5; their k + 1 points (phase claim); then the 10.9M control and larger-dimension seeds 1..5;
+  then 25.6M larger-dimension seeds 1..5 (phase axis). Amended before the second call (phase v3): the 10.9M
+  control and larger-dimension runs (together 1.1 25.6M runs) go before the k + 1 points, since the time left
+  holds about 8 25.6M runs and the remaining claim runs take 7; the order of everything else is unchanged. A 25.6M run costs 1.33e16 FLOPs (evaluation included),
+  5.3x a 10.9M run; at the ~150 TFLOP/s v2's packing reached, 89 s of the whole GPU: about 8 fit in a 7-minute
+  call.
 
 Protocol v2, fixed before its first run
 ---------------------------------------
@@ -63,7 +109,8 @@ and how many fewer steps does it need to reach their final loss?
 
 History
 -------
-- v2 (this protocol): written down before its first run, after v1's results had been rechecked.
+- v3: written down before its first run, after v2's results (bench/results/paper_claim.json).
+- v2: written down before its first run, after v1's results had been rechecked.
 - v1 (this script before protocol v2): Shakespeare bytes, 4.73M training tokens read front to back in the same
   order for every seed; 1000 steps of 64 x 256 tokens (3.5 passes), then 32 x 256 (1.73 passes, "v1.5"); lr
   grid in steps of 2x chosen on seed 1337, which was also one of the 3 reported seeds; only AdamW's
@@ -94,7 +141,7 @@ sys.path.insert(0, str(ROOT))
 
 TINY = os.environ.get("PAPER_CLAIM_TINY") == "1"
 OPTIMIZERS = ("adamw", "muon", "normuon")
-NAMES = dict(adamw="AdamW", muon="Muon", normuon="NorMuon")
+NAMES = dict(adamw="AdamW", muon="Muon", normuon="NorMuon", normuon_larger="NorMuon (larger dim.)")
 TUNE_SEED, SEEDS, SHORT_SEEDS = 0, (1, 2, 3, 4, 5), (1, 2, 3)
 FRACTIONS = (0.9, 0.8, 0.5)  # shortened NorMuon schedules, in the order they are run
 MAX_GRID_POINTS = 8
@@ -105,11 +152,20 @@ if TINY:  # the same pipeline in minutes on a CPU: nothing here is a result
     PROTOCOL = dict(preset="tiny", data=str(ROOT / "out" / "paper_claim_tiny.txt"), seq_len=64, batch_size=8,
                     max_steps=40, eval_interval=10, eval_batches=2, weight_decay=0.1)
     RUNS_DIR, REPORT = ROOT / "out" / "paper_claim_tiny", ROOT / "out" / "paper_claim_tiny"
+    MODELS = {"tiny-wide": dict(n_layer=4, n_head=4, n_embd=96, block_size=64)}
+    SIZES = {"tiny": PROTOCOL, "tiny-wide": dict(PROTOCOL, preset="tiny-wide", max_steps=60, eval_interval=15)}
+    V3_DIR = ROOT / "out" / "paper_claim_v3_tiny"
+    V3_GRID = dict(muon=4, normuon=4, normuon_larger=4)
 else:
     INITIAL_GRID = dict(adamw=(2, 1, 3, 0, 4), muon=(4, 3, 5, 2, 6), normuon=(4, 3, 5, 2, 6))  # centre first
     PROTOCOL = dict(preset="shakespeare-10m", data="data/code/", seq_len=256, batch_size=128, max_steps=1000,
                     eval_interval=50, eval_batches=10, weight_decay=0.1)
     RUNS_DIR, REPORT = ROOT / "bench" / "results" / "paper_claim", ROOT / "bench" / "results" / "paper_claim"
+    MODELS = {"code-26m": dict(n_layer=8, n_head=8, n_embd=512, block_size=256)}  # presets train_gpt.py lacks
+    SIZES = {"10.9m": PROTOCOL, "25.6m": dict(PROTOCOL, preset="code-26m", max_steps=2400, eval_interval=120)}
+    V3_DIR = ROOT / "bench" / "results" / "paper_claim_v3"
+    V3_GRID = dict(muon=5, normuon=4, normuon_larger=4)  # v2's tuned points, fixed for the larger size
+SMALL, LARGE = SIZES  # v2's size, v3's larger one
 TOKENS_PER_STEP = PROTOCOL["batch_size"] * PROTOCOL["seq_len"]
 TRAIN_TOKENS = PROTOCOL["max_steps"] * TOKENS_PER_STEP
 REQUIRED_FLAGS = ("preset", "data", "seq_len", "batch_size", "max_steps", "warmup_steps", "optimizer", "lr",
@@ -134,17 +190,23 @@ def grid_index(lr: float) -> int:
 
 @dataclass(frozen=True)
 class Run:
-    optimizer: str
+    optimizer: str  # adamw, muon, normuon, or normuon_larger (NorMuon with neuron_axis="larger")
     lr: float
     seed: int = TUNE_SEED
     adamw_lr: float = DEFAULTS["adamw_lr"]
     warmup: float = DEFAULTS["warmup"]  # fraction of the run's steps
     grad_clip: float = DEFAULTS["grad_clip"]
     fraction: float = 1.0  # schedule length, relative to the protocol's
+    size: str = SMALL  # a key of SIZES: the model and its schedule
+    rerun: bool = False  # the same run again (a control), in a directory of its own
+
+    @property
+    def protocol(self) -> dict:
+        return SIZES[self.size]
 
     @property
     def steps(self) -> int:
-        return round(self.fraction * PROTOCOL["max_steps"])
+        return round(self.fraction * self.protocol["max_steps"])
 
     @property
     def warmup_steps(self) -> int:
@@ -153,14 +215,22 @@ class Run:
     @property
     def name(self) -> str:
         return (f"{self.optimizer}-lr{self.lr:g}-alr{self.adamw_lr:g}-wu{self.warmup_steps}-clip{self.grad_clip:g}"
-                f"-steps{self.steps}-seed{self.seed}")
+                f"-steps{self.steps}-seed{self.seed}" + ("-rerun" if self.rerun else ""))
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.protocol["batch_size"] * self.protocol["seq_len"]
 
     def flags(self, out_dir: Path) -> list:
-        values = dict(PROTOCOL, optimizer=self.optimizer, lr=self.lr, adamw_lr=self.adamw_lr, grad_clip=self.grad_clip,
-                      max_steps=self.steps, warmup_steps=self.warmup_steps, seed=self.seed,
-                      log_interval=PROTOCOL["eval_interval"], checkpoint_interval=self.steps, sample_tokens=0,
-                      run_name=self.name, out_dir=out_dir)
+        protocol = self.protocol
+        values = dict(protocol, optimizer=self.optimizer.replace("_larger", ""), lr=self.lr, adamw_lr=self.adamw_lr,
+                      grad_clip=self.grad_clip, max_steps=self.steps, warmup_steps=self.warmup_steps, seed=self.seed,
+                      log_interval=max(1, protocol["eval_interval"] // 5), checkpoint_interval=self.steps,
+                      sample_tokens=0, run_name=self.name, out_dir=out_dir)
         return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+    def neuron_axis(self) -> str:
+        return "larger" if self.optimizer == "normuon_larger" else "output"
 
 
 def final_loss(results: dict, run: Run):
@@ -245,6 +315,42 @@ def needed_runs(phase: str, results: dict) -> list:
     return (tuning if phase in ("tune", "all") else []) + (reporting_plan(best) if phase in ("report", "all") else [])
 
 
+def v3_settings() -> dict:
+    """Protocol v3's reporting settings per (size, optimizer), all fixed in advance: at v2's size, v2's tuned
+    settings for NorMuon (and its larger-dimension variant); at the larger size, V3_GRID's lrs."""
+    small = Run("normuon", grid_lr(V3_GRID["normuon"]))
+    settings = {(SMALL, "normuon_larger"): dataclasses.replace(small, optimizer="normuon_larger")}
+    settings.update({(LARGE, o): Run(o, grid_lr(k), size=LARGE) for o, k in V3_GRID.items()})
+    return settings
+
+
+def v3_bracket(where: int) -> list:
+    """The lr check at the larger size, seed 1: one √2 grid point below (where = -1) or above (+1)."""
+    return [Run(o, grid_lr(V3_GRID[o] + where), seed=SEEDS[0], size=LARGE) for o in ("muon", "normuon")]
+
+
+def v3_plan(phase: str) -> list:
+    """Protocol v3's runs in priority order (see the docstring): phase claim (the larger size's Muon and NorMuon
+    with the lr check), axis (the larger-dimension variant at both sizes), or v3 (both, as amended)."""
+    settings = v3_settings()
+    seeds = lambda optimizers, size, chosen: [dataclasses.replace(settings[size, o], seed=s)
+                                              for s in chosen for o in optimizers]
+    claim = (seeds(("muon", "normuon"), LARGE, SEEDS[:3]) + v3_bracket(-1)
+             + seeds(("muon", "normuon"), LARGE, SEEDS[3:]))
+    control = dataclasses.replace(settings[SMALL, "normuon_larger"], optimizer="normuon", seed=SEEDS[0], rerun=True)
+    axis_small = [control] + seeds(["normuon_larger"], SMALL, SEEDS)
+    axis_large = seeds(["normuon_larger"], LARGE, SEEDS)
+    return dict(claim=claim + v3_bracket(+1), axis=axis_small + axis_large,
+                v3=claim + axis_small + v3_bracket(+1) + axis_large)[phase]
+
+
+def v3_results() -> dict:
+    """{size: {run name: result}}: v3's runs, and at v2's size v2's runs as well."""
+    results = {size: load_results(V3_DIR / size) for size in SIZES}
+    results[SMALL] = {**load_results(RUNS_DIR), **results[SMALL]}
+    return results
+
+
 # -----------------------------------------------------------------------------
 # Running: train_gpt.py processes sharing the GPU, against a deadline
 
@@ -257,7 +363,30 @@ def environment() -> dict:
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     return dict(device=device, gpus=torch.cuda.device_count(), torch=torch.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), source_commit=os.environ.get("SOURCE_COMMIT"))
+
+
+def model_config(size: str):
+    """The GPTConfig of a size: a train_gpt.py preset, or one of MODELS."""
+    import train_gpt
+    preset = SIZES[size]["preset"]
+    config = train_gpt.GPTConfig(**MODELS[preset]) if preset in MODELS else train_gpt.PRESETS[preset]
+    return dataclasses.replace(config, vocab_size=256, block_size=SIZES[size]["seq_len"])
+
+
+def parameter_count(size: str) -> int:
+    import torch
+    import train_gpt
+    with torch.device("meta"):
+        return sum(p.numel() for p in train_gpt.GPT(model_config(size)).parameters())
+
+
+def run_flops(run: Run) -> float:
+    """Training FLOPs of a run plus its evaluations (forward only: a third of training's per token)."""
+    protocol = run.protocol
+    evaluations = run.steps // protocol["eval_interval"] + 1
+    eval_tokens = evaluations * protocol["eval_batches"] * protocol["batch_size"] * protocol["seq_len"]
+    return model_config(run.size).flops_per_token() * (run.tokens + eval_tokens / 3)
 
 
 def preflight() -> dict:
@@ -266,7 +395,7 @@ def preflight() -> dict:
                                text=True, cwd=ROOT).stdout
     missing = [name for name in REQUIRED_FLAGS if f"--{name}" not in help_text]
     if missing:
-        sys.exit(f"error: train_gpt.py has no {', '.join('--' + m for m in missing)} flag; protocol v2 needs it.")
+        sys.exit(f"error: train_gpt.py has no {', '.join('--' + m for m in missing)} flag; the protocol needs it.")
     if TINY and not Path(PROTOCOL["data"]).exists():
         write_tiny_corpus(Path(PROTOCOL["data"]))
     import torch
@@ -279,15 +408,15 @@ def preflight() -> dict:
     if data.vocab_size != 256:
         sys.exit(f"error: {PROTOCOL['data']} loads with vocabulary {data.vocab_size}; the protocol needs bytes (256).")
     # a 10% train/val split of the tiny text file is fine; the real corpus must hold a whole run
-    if train_tokens < TRAIN_TOKENS and not TINY:
-        sys.exit(f"error: {PROTOCOL['data']} has {train_tokens:,} training tokens; a run reads {TRAIN_TOKENS:,} "
+    longest = max(Run("muon", 1e-3, size=size).tokens for size in SIZES)
+    if train_tokens < longest and not TINY:
+        sys.exit(f"error: {PROTOCOL['data']} has {train_tokens:,} training tokens; a run reads {longest:,} "
                  "(single pass required).")
     if not TINY and not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU; the full protocol is sized for one H100 (PAPER_CLAIM_TINY=1 for a CPU check).")
-    model_config = dataclasses.replace(train_gpt.PRESETS[PROTOCOL["preset"]], vocab_size=256)
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in train_gpt.GPT(model_config).parameters())
-    return dict(environment(), parameters=parameters, corpus_train_tokens=train_tokens, corpus_val_tokens=val_tokens)
+    return dict(environment(), parameters=parameter_count(SMALL),
+                parameters_by_size={size: parameter_count(size) for size in SIZES},
+                corpus_train_tokens=train_tokens, corpus_val_tokens=val_tokens)
 
 
 def write_tiny_corpus(path: Path) -> None:
@@ -310,18 +439,55 @@ class Active:
     run_dir: Path
     log: Path
     launched: float
+    flops: float  # the whole run's, evaluations included
 
 
 def launch(run: Run, runs_dir: Path, slot: int, parallel: int, gpus: int) -> Active:
     shutil.rmtree(runs_dir / run.name, ignore_errors=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     log = runs_dir / f"{run.name}.log"  # moved into the run directory when it ends
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)))
     if gpus > 1:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *run.flags(runs_dir)], cwd=ROOT, env=env,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    print(f"{time.strftime('%H:%M:%S')} start  {run.name}", flush=True)
-    return Active(run, process, runs_dir / run.name, log, time.monotonic())
+    command = [sys.executable, str(Path(__file__).resolve()), "train", "--neuron_axis", run.neuron_axis(),
+               *run.flags(runs_dir)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    print(f"{time.strftime('%H:%M:%S')} start  {run.size} {run.name}", flush=True)
+    return Active(run, process, runs_dir / run.name, log, time.monotonic(), run_flops(run))
+
+
+def train_worker(argv: list) -> None:
+    """One training run: train_gpt.py's main() on argv, after setting in this process what its flags cannot
+    say: MODELS as presets, and NorMuon's neuron_axis (--neuron_axis output|larger, first in argv), with its
+    element-wise stages eager (compile=False) as in protocol v2."""
+    import functools
+    import inspect
+
+    import normuon
+    import train_gpt
+    parser = argparse.ArgumentParser(prog="paper_claim.py train")
+    parser.add_argument("--neuron_axis", choices=("output", "larger"), default="output")
+    args, flags = parser.parse_known_args(argv)
+    options = dict(compile=False) if args.neuron_axis == "output" else dict(compile=False, neuron_axis="larger")
+    train_gpt.NorMuon = functools.partial(normuon.NorMuon, **options)
+    if hasattr(train_gpt, "build_optimizers") and "adamw_lr" in inspect.signature(normuon.split_parameters).parameters:
+        train_gpt.split_parameters = two_lists  # train_gpt.py of before the one-optimizer API, normuon.py after
+    train_gpt.PRESETS.update({name: train_gpt.GPTConfig(**shape) for name, shape in MODELS.items()})
+    check_config = train_gpt.check_config  # its preset check knows train_gpt's own presets only
+    train_gpt.check_config = lambda config, world_size: check_config(
+        dataclasses.replace(config, preset="tiny") if config.preset in MODELS else config, world_size)
+    sys.argv = [str(ROOT / "train_gpt.py"), *flags]
+    train_gpt.main()
+
+
+def two_lists(model, exclude=()) -> tuple:
+    """normuon.split_parameters' groups as (NorMuon's groups, AdamW's parameters): the form train_gpt.py took
+    before the one-optimizer API (commit 692e31d), for runs of that train_gpt.py with a later normuon.py."""
+    import normuon
+    groups = normuon.split_parameters(model, exclude=exclude)
+    return ([g for g in groups if g["use_muon"]],
+            [p for g in groups if not g["use_muon"] for p in g["params"]])
 
 
 def read_metrics(run_dir: Path) -> list:
@@ -344,67 +510,102 @@ def finish(active: Active, info: dict) -> dict:
     shutil.move(active.log, run_dir / "run.log")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~130 MB each, not needed for the report
     result = dict(name=run.name, settings=dataclasses.asdict(run), steps=run.steps, warmup_steps=run.warmup_steps,
-                  tokens=run.steps * TOKENS_PER_STEP, status="finished" if math.isfinite(final) else "diverged",
+                  tokens=run.tokens, status="finished" if math.isfinite(final) else "diverged",
                   final_val_loss=final if math.isfinite(final) else None,
                   wall_seconds=time.monotonic() - active.launched, **info)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{time.strftime('%H:%M:%S')} {result['status']:8s} {run.name}: final val loss {final:.4f}, "
+    print(f"{time.strftime('%H:%M:%S')} {result['status']:8s} {run.size} {run.name}: final val loss {final:.4f}, "
           f"{result['wall_seconds']:.0f} s", flush=True)
     return result
 
 
-def stop(active: Active) -> None:
-    """Kill an unfinished run (its whole process group) and discard what it wrote."""
+def stop(active: Active, why: str = "unfinished") -> None:
+    """Kill a run (its whole process group) and discard what it wrote."""
     if active.process.poll() is None:
         os.killpg(active.process.pid, signal.SIGKILL)
     active.process.wait()
     shutil.rmtree(active.run_dir, ignore_errors=True)
     active.log.unlink(missing_ok=True)
-    print(f"{time.strftime('%H:%M:%S')} killed {active.run.name} (unfinished: discarded)", flush=True)
+    print(f"{time.strftime('%H:%M:%S')} killed {active.run.size} {active.run.name} ({why}: discarded)", flush=True)
 
 
 def discard_unfinished(runs_dir: Path) -> None:
     """Leftovers of a `run` that was killed itself: run directories without result.json, and their logs."""
-    for path in runs_dir.iterdir():
+    for path in runs_dir.iterdir() if runs_dir.exists() else ():
         if path.is_dir() and not path.name.startswith("_") and not (path / "result.json").exists():
             shutil.rmtree(path)
         elif path.suffix == ".log":
             path.unlink()
 
 
-def per_process_rate(active: dict, ended: list, prior: float) -> float:
-    """Tokens per second of one run while the others share the GPU: measured on this invocation's runs (start-up
-    included, so on the safe side), else the prior guess."""
-    now, rates = time.monotonic(), [r["tokens"] / r["wall_seconds"] for r in ended]
-    for a in active.values():
-        records = read_metrics(a.run_dir)
-        if records:
-            rates.append(records[-1]["step"] * TOKENS_PER_STEP / (now - a.launched))
-    return statistics.median(rates) if rates else prior
+def done_fraction(active: Active) -> float:
+    records = read_metrics(active.run_dir)
+    return records[-1]["step"] / active.run.steps if records else 0.0
 
 
-def run_phase(phase: str, runs_dir: Path, deadline_minutes: float, parallel: int, assumed_tokens_per_second: float):
+class GpuRate:
+    """FLOP/s of all runs together, over the last minute: the work done (finished and stopped runs' included)
+    sampled at every tick. It does not depend on how many runs share the GPU, once they fill it."""
+
+    def __init__(self, prior: float, window: float = 60.0):
+        self.prior, self.window, self.banked, self.samples = prior, window, 0.0, []
+
+    def bank(self, active: Active, fraction: float) -> None:
+        self.banked += fraction * active.flops
+
+    def sample(self, active: dict) -> float:
+        now = time.monotonic()
+        self.samples.append((now, self.banked + sum(done_fraction(a) * a.flops for a in active.values())))
+        first_work = next((i for i, (_, done) in enumerate(self.samples) if done > 0), None)
+        if first_work is None or now - self.samples[first_work][0] < self.window / 2:
+            return self.prior
+        then, done_then = next((t, d) for t, d in self.samples[first_work:] if t >= now - self.window)
+        return (self.samples[-1][1] - done_then) / max(now - then, 1e-9) if now > then else self.prior
+
+
+def remaining_flops(active: Active) -> float:
+    return (1 - done_fraction(active)) * active.flops
+
+
+def run_phase(phase: str, deadline_minutes: float, parallel: int, assumed_tflops: float):
+    """Run what the phase still needs, in priority order, until it needs nothing or the deadline. The runs share
+    the GPU, so they finish when the FLOPs left in all of them are done at the measured rate: a run starts only
+    if that still ends before the deadline, and the lowest-priority run is stopped when the measured rate says
+    the running ones cannot all finish."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # e.g. `timeout`: still stop the runs and record
     started, info = time.monotonic(), preflight()
-    deadline = started + 60 * deadline_minutes
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    discard_unfinished(runs_dir)
-    active, ended, killed = {}, [], []
+    deadline, v3 = started + 60 * deadline_minutes, phase in ("claim", "axis", "v3")
+    for runs_dir in [RUNS_DIR] if not v3 else [V3_DIR / size for size in SIZES]:
+        discard_unfinished(runs_dir)
+    active, ended, killed, last_stop, meter = {}, [], [], 0.0, GpuRate(1e12 * assumed_tflops)
     run_info = dict(device=info["device"], torch=info["torch"], parallel=parallel,
                     date=datetime.date.today().isoformat())
     try:
         while True:
-            results = load_results(runs_dir)
-            for name, a in list(active.items()):
+            results = v3_results() if v3 else {SMALL: load_results(RUNS_DIR)}
+            for key, a in list(active.items()):
                 if a.process.poll() is not None:
-                    results[name] = finish(a, run_info)
-                    ended.append(results[name])
-                    del active[name]
-            rate = per_process_rate(active, ended, assumed_tokens_per_second / parallel)
-            pending = [r for r in needed_runs(phase, results) if r.name not in results and r.name not in active]
-            fits = [r for r in pending if time.monotonic() + 1.1 * r.steps * TOKENS_PER_STEP / rate + 10 < deadline]
-            for run in fits[:parallel - len(active)]:
-                active[run.name] = launch(run, runs_dir, len(ended) + len(active), parallel, info["gpus"])
+                    results.setdefault(a.run.size, {})[a.run.name] = finish(a, run_info)
+                    meter.bank(active.pop(key), 1.0)
+                    ended.append(dict(name=a.run.name, size=a.run.size, flops=a.flops))
+            rate = meter.sample(active)
+            order = v3_plan(phase) if v3 else needed_runs(phase, results[SMALL])
+            pending = [r for r in order if r.name not in results.get(r.size, {}) and (r.size, r.name) not in active]
+            left = deadline - time.monotonic() - 10
+            settled = time.monotonic() - last_stop > 30 and all(done_fraction(a) > 0 for a in active.values())
+            if active and settled and sum(map(remaining_flops, active.values())) > rate * left:
+                priority = lambda key: order.index(active[key].run) if active[key].run in order else len(order)
+                key = max(active, key=priority)
+                meter.bank(active[key], done_fraction(active[key]))
+                stop(active.pop(key), "it cannot finish before the deadline")
+                killed.append(key[1])
+                last_stop = time.monotonic()
+                continue
+            for run in pending[:max(0, parallel - len(active))]:
+                if 1.1 * (sum(map(remaining_flops, active.values())) + run_flops(run)) / rate < left:
+                    runs_dir = V3_DIR / run.size if v3 else RUNS_DIR
+                    active[run.size, run.name] = launch(run, runs_dir, len(ended) + len(active), parallel,
+                                                        info["gpus"])
             if not active:
                 print(f"done: {len(pending)} needed run(s) left" + (" (none fits before the deadline)" if pending
                                                                       else ""), flush=True)
@@ -413,42 +614,46 @@ def run_phase(phase: str, runs_dir: Path, deadline_minutes: float, parallel: int
                 break
             time.sleep(2)
     finally:
-        for a in active.values():
+        for key, a in active.items():
             stop(a)
-            killed.append(a.run.name)
-        record_invocation(runs_dir, phase, parallel, deadline_minutes, started, info, ended, killed)
+            killed.append(key[1])
+        record_invocation(V3_DIR if v3 else RUNS_DIR, phase, parallel, deadline_minutes, started, info, ended,
+                          killed)
 
 
 def record_invocation(runs_dir, phase, parallel, deadline_minutes, started, info, ended, killed) -> None:
     wall = time.monotonic() - started
     record = dict(command="python " + " ".join(sys.argv), phase=phase, parallel=parallel,
                   deadline_minutes=deadline_minutes, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  wall_seconds=wall, **info, runs_ended=[r["name"] for r in ended], runs_killed=killed,
-                  tokens_per_second_all_runs=sum(r["tokens"] for r in ended) / wall)
-    (runs_dir / "_invocations").mkdir(exist_ok=True)
+                  wall_seconds=wall, **info, runs_ended=[e["name"] for e in ended], runs_killed=killed,
+                  tflops_finished_runs=sum(e["flops"] for e in ended) / wall / 1e12)
+    (runs_dir / "_invocations").mkdir(parents=True, exist_ok=True)
     (runs_dir / "_invocations" / f"{record['date'].replace(':', '')}.json").write_text(json.dumps(record, indent=2))
-    print(f"{len(ended)} run(s) ended, {len(killed)} killed at the deadline, {wall:.0f} s, "
-          f"{record['tokens_per_second_all_runs'] / 1e6:.2f}M training tokens/s together", flush=True)
+    print(f"{len(ended)} run(s) ended, {len(killed)} stopped, {wall:.0f} s, "
+          f"{record['tflops_finished_runs']:.0f} TFLOP/s of finished runs together", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # Moving results between machines
 
 
-def pack(runs_dir: Path, archive: Path) -> None:
-    """The finished runs (result.json, metrics.jsonl, config.json, run.log) and invocation records, one file."""
+def pack(archive: Path, runs_dirs=None) -> None:
+    """The finished runs (result.json, metrics.jsonl, config.json, run.log) and invocation records of v2's and
+    v3's folders, one file, with paths relative to bench/results/ (or out/ for TINY)."""
+    runs_dirs = runs_dirs or [RUNS_DIR, V3_DIR]
+    base = RUNS_DIR.parent
     with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(runs_dir.iterdir()):
-            if (path / "result.json").exists() or path.name == "_invocations":
-                tar.add(path, arcname=path.name)
+        for runs_dir in runs_dirs:
+            for path in sorted(runs_dir.rglob("*")) if runs_dir.exists() else ():
+                if path.is_dir() and ((path / "result.json").exists() or path.name == "_invocations"):
+                    tar.add(path, arcname=str(path.relative_to(base)))
     print(f"{archive}: {archive.stat().st_size / 1e6:.2f} MB")
 
 
-def unpack(runs_dir: Path, archive: Path) -> None:
-    runs_dir.mkdir(parents=True, exist_ok=True)
+def unpack(archive: Path) -> None:
     with tarfile.open(archive) as tar:
-        tar.extractall(runs_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    print(f"{len(load_results(runs_dir))} finished runs in {runs_dir}")
+        tar.extractall(RUNS_DIR.parent, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    print(", ".join(f"{size}: {len(runs)} finished runs" for size, runs in v3_results().items()))
 
 
 # -----------------------------------------------------------------------------
@@ -606,9 +811,6 @@ def lr_at_edge(run: Run, results: dict) -> bool:
     return run.lr in (min(r.lr for r in grid), max(r.lr for r in grid))
 
 
-COLORS = dict(adamw="tab:blue", muon="tab:orange", normuon="tab:green")
-
-
 def plot(results: dict, runs_dir: Path, best: dict, table: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -680,31 +882,214 @@ def plot_tuning(axis, results: dict) -> None:
     axis.legend()
 
 
+# -----------------------------------------------------------------------------
+# Report of protocol v3: both sizes, the change of the gap with size, the lr check, the control
+
+V3_PAIRS = (("normuon", "muon"), ("normuon_larger", "normuon"), ("normuon_larger", "muon"), ("muon", "adamw"),
+            ("normuon", "adamw"), ("normuon_larger", "adamw"))
+COLORS = dict(adamw="tab:blue", muon="tab:orange", normuon="tab:green", normuon_larger="tab:purple")
+
+
+def run_dir_of(run: Run) -> Path:
+    """Where a run's files are: v3's folder for its size, or v2's for the v2 runs v3 reuses."""
+    path = V3_DIR / run.size / run.name
+    return path if path.exists() or run.size != SMALL else RUNS_DIR / run.name
+
+
+def welch_difference(first: dict, second: dict) -> dict:
+    """The mean of one paired difference (first) minus another's (second), at different sizes (unpaired):
+    Welch's 95% interval (degrees of freedom rounded down) and v2's verdict rule."""
+    if first.get("sd") is None or second.get("sd") is None:
+        return dict(mean=None, ci95=None, verdict="too few finite paired seeds")
+    variances = [d["sd"] ** 2 / d["n"] for d in (first, second)]
+    se = math.sqrt(sum(variances))
+    df = se ** 4 / sum(v ** 2 / (d["n"] - 1) for v, d in zip(variances, (first, second))) if se else None
+    mean = first["mean"] - second["mean"]
+    half = t_quantile_975(max(1, math.floor(df))) * se if se else 0.0
+    verdict = "first lower" if mean + half < 0 else "second lower" if mean - half > 0 else "not resolved"
+    return dict(mean=mean, se=se, df=df, ci95=[mean - half, mean + half], verdict=verdict)
+
+
+def v3_steps_to_target(size: str, settings: dict, finals: dict) -> dict:
+    """The paper's metric: the first evaluation at which an optimizer's seed-mean curve is at or below a
+    reference's seed-mean final loss, and the fraction of the steps saved."""
+    table = {}
+    for reference in ("adamw", "muon"):
+        if finals.get(reference, {}).get("mean") is None:
+            continue
+        target = finals[reference]["mean"]
+        for optimizer in ("muon", "normuon", "normuon_larger"):
+            if optimizer == reference or not finals.get(optimizer, {}).get("n"):
+                continue
+            runs = [read_metrics(run_dir_of(dataclasses.replace(settings[optimizer], seed=s)))
+                    for s in finals[optimizer]["per_seed"]]
+            step = first_step_at_or_below(mean_curve(runs), target)
+            table[f"{optimizer}_to_{reference}_final"] = dict(
+                target=target, step=step, steps=SIZES[size]["max_steps"],
+                fewer_steps=None if step is None else 1 - step / SIZES[size]["max_steps"],
+                per_seed=[first_step_at_or_below(mean_curve([r]), target) for r in runs])
+    return table
+
+
+def v3_size_table(size: str, results: dict, settings: dict) -> dict:
+    finals = {o: summarize(seed_losses(results, run, SEEDS)) for o, run in settings.items()}
+    finals = {o: f for o, f in finals.items() if f["n"]}
+    differences = {f"{a}_minus_{b}": paired_difference(finals[a]["per_seed"], finals[b]["per_seed"])
+                   for a, b in V3_PAIRS if a in finals and b in finals}
+    return dict(parameters=parameter_count(size), model=dataclasses.asdict(model_config(size)),
+                steps=SIZES[size]["max_steps"], train_tokens=Run("muon", 1e-3, size=size).tokens,
+                settings={o: dict(dataclasses.asdict(run), name=run.name) for o, run in settings.items()},
+                summary=[verdict_line(a, b, differences[f"{a}_minus_{b}"]) for a, b in V3_PAIRS
+                         if f"{a}_minus_{b}" in differences],
+                final_val_loss=finals, paired_differences=differences,
+                steps_to_target=v3_steps_to_target(size, settings, finals))
+
+
+def v3_lr_check(results: dict) -> dict:
+    """At the larger size, seed 1: final loss at the reported lr and at the √2 grid points on either side."""
+    table = {}
+    for optimizer in ("muon", "normuon"):
+        k = V3_GRID[optimizer]
+        losses = {grid_lr(j): final_loss(results, Run(optimizer, grid_lr(j), seed=SEEDS[0], size=LARGE))
+                  for j in (k - 1, k, k + 1)}
+        done = {lr: loss for lr, loss in losses.items() if loss is not None}
+        best = min(done, key=done.get) if grid_lr(k) in done else None
+        table[optimizer] = dict(
+            reported_lr=grid_lr(k), seed=SEEDS[0], final_val_loss={f"{lr:g}": loss for lr, loss in losses.items()},
+            check="incomplete" if best is None or len(done) == 1 else "the reported lr ends lowest" if best == grid_lr(k)
+            else f"lr {best:g} ends {done[grid_lr(k)] - done[best]:.4f} lower than the reported lr")
+    return table
+
+
+def v3_control(results: dict, v2_normuon: Run) -> dict:
+    """v2's NorMuon seed-1 run, and the same run made again with the current code."""
+    original = final_loss(results, dataclasses.replace(v2_normuon, seed=SEEDS[0]))
+    again = final_loss(results, dataclasses.replace(v2_normuon, seed=SEEDS[0], rerun=True))
+    return dict(run=dataclasses.replace(v2_normuon, seed=SEEDS[0]).name, v2=original, again=again,
+                difference=None if None in (original, again) else again - original)
+
+
+def report_v3(out: Path) -> dict:
+    results = v3_results()
+    _, v2_best = tuning_plan(results[SMALL])
+    settings = {size: {} for size in SIZES}
+    for (size, optimizer), run in {**{(SMALL, o): r for o, r in v2_best.items()}, **v3_settings()}.items():
+        settings[size][optimizer] = run
+    sizes = {size: v3_size_table(size, results[size], settings[size]) for size in SIZES}
+    gap = [sizes[size]["paired_differences"].get("normuon_minus_muon", {}) for size in (LARGE, SMALL)]
+    axis = [sizes[size]["paired_differences"].get("normuon_larger_minus_normuon", {}) for size in (LARGE, SMALL)]
+    invocations = [json.loads(p.read_text()) for p in sorted((V3_DIR / "_invocations").glob("*.json"))]
+    table = dict(
+        summary=[f"{size} ({sizes[size]['parameters'] / 1e6:.1f}M parameters): {line}"
+                 for size in SIZES for line in sizes[size]["summary"][:3]],
+        gap_change_with_size=dict(of="NorMuon − Muon", larger_minus_smaller=welch_difference(*gap)),
+        axis_change_with_size=dict(of="NorMuon(larger) − NorMuon", larger_minus_smaller=welch_difference(*axis)),
+        sizes=sizes, lr_check=v3_lr_check(results[LARGE]),
+        control=v3_control(results[SMALL], v2_best["normuon"]) if "normuon" in v2_best else None,
+        gpu=", ".join(sorted({i["device"] for i in invocations})),
+        torch=", ".join(sorted({i["torch"] for i in invocations})),
+        date=", ".join(sorted({i["date"][:10] for i in invocations})),
+        commands=[dict(command=i["command"], date=i["date"], wall_seconds=round(i["wall_seconds"]),
+                       runs_ended=len(i["runs_ended"]), runs_stopped=len(i["runs_killed"])) for i in invocations],
+        device_seconds=round(sum(i["wall_seconds"] for i in invocations)),
+        protocol=dict(sizes=SIZES, models=MODELS, seeds=list(SEEDS), larger_size_grid_points=V3_GRID,
+                      corpus_train_tokens=invocations[-1]["corpus_train_tokens"] if invocations else None),
+        missing=[f"{r.size} {r.name}" for r in v3_plan("v3") if r.name not in results[r.size]])
+    text = json.dumps(table, indent=2, default=str, ensure_ascii=False).replace("Infinity", '"diverged"')
+    out.with_suffix(".json").write_text(text + "\n")
+    plot_v3(table, settings, out.with_suffix(".png"))
+    return table
+
+
+def plot_v3(table: dict, settings: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    plot_gaps(axes[0], table["sizes"])
+    plot_larger_curves(axes[1], table["sizes"][LARGE], settings[LARGE])
+    plot_lr_check(axes[2], table["lr_check"])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_gaps(axis, sizes: dict) -> None:
+    """Each paired difference's mean and 95% interval against the model's size."""
+    for offset, (a, b) in zip((0.98, 1.02), V3_PAIRS[:2]):
+        points = [(t["parameters"] * offset, t["paired_differences"][f"{a}_minus_{b}"]) for t in sizes.values()
+                  if t["paired_differences"].get(f"{a}_minus_{b}", {}).get("ci95")]
+        if points:
+            x = [p for p, _ in points]
+            y = [d["mean"] for _, d in points]
+            errors = [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]]
+            labels = ", ".join(f"n = {d['n']}" for _, d in points)
+            axis.errorbar(x, y, yerr=errors, fmt="o-", capsize=4, color=COLORS[a],
+                          label=f"{NAMES[a]} − {NAMES[b]} ({labels})")
+    axis.axhline(0, color="gray", lw=1)
+    axis.set(xscale="log", xlabel="parameters", ylabel="final validation loss difference (nats per byte)",
+             title="Paired differences over seeds: mean and 95% t interval")
+    axis.set_xticks([t["parameters"] for t in sizes.values()], [f"{t['parameters'] / 1e6:.1f}M" for t in sizes.values()])
+    axis.minorticks_off()
+    axis.legend()
+
+
+def plot_larger_curves(axis, size_table: dict, settings: dict) -> None:
+    """The larger size's validation curves, every reported seed, near the end of training."""
+    finals = size_table["final_val_loss"]
+    for optimizer, final in finals.items():
+        for index, seed in enumerate(final["per_seed"]):
+            evaluated = [r for r in read_metrics(run_dir_of(dataclasses.replace(settings[optimizer], seed=seed)))
+                         if "val_loss" in r]
+            axis.plot([r["step"] for r in evaluated], [r["val_loss"] for r in evaluated], color=COLORS[optimizer],
+                      lw=1, alpha=0.7, label=f"{NAMES[optimizer]} (lr {settings[optimizer].lr:g})" if not index else None)
+        axis.axhline(final["mean"], color=COLORS[optimizer], ls=":", lw=1)
+    means = [f["mean"] for f in finals.values()]
+    if means:
+        axis.set_ylim(min(means) - 0.03, max(means) + 0.2)
+        axis.legend()
+    axis.set(xlabel="step", ylabel="validation loss", title=f"{size_table['parameters'] / 1e6:.1f}M parameters "
+             "(dotted: mean final)")
+
+
+def plot_lr_check(axis, lr_check: dict) -> None:
+    for optimizer, row in lr_check.items():
+        points = sorted((float(lr), loss) for lr, loss in row["final_val_loss"].items()
+                        if loss is not None and math.isfinite(loss))
+        axis.plot([lr for lr, _ in points], [loss for _, loss in points], "o-", color=COLORS[optimizer],
+                  label=f"{NAMES[optimizer]} (reported lr {row['reported_lr']:g})")
+    axis.set(xscale="log", xlabel="lr of the hidden matrices", ylabel="final validation loss",
+             title=f"lr check at the larger size, seed {SEEDS[0]}")
+    axis.legend()
+
+
 def main():
+    if sys.argv[1:2] == ["train"]:  # one training process, started by `run`
+        return train_worker(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("command", choices=["run", "pack", "unpack", "report"])
     parser.add_argument("archive", nargs="?", type=Path, help="pack/unpack: the .tar file")
-    parser.add_argument("--phase", choices=["tune", "report", "all"], default="all")
+    parser.add_argument("--phase", choices=["tune", "report", "all", "claim", "axis", "v3"], default="v3",
+                        help="run: v2's tune, report, all; v3's claim, axis, v3 (both)")
     parser.add_argument("--deadline_minutes", type=float, default=8.0, help="run: stop starting and kill runs then")
-    parser.add_argument("--parallel", type=int, default=8, help="run: train_gpt.py processes at a time")
-    parser.add_argument("--assumed_tokens_per_second", type=float, default=2.0e6 if not TINY else 5e3,
+    parser.add_argument("--parallel", type=int, default=6, help="run: training processes at a time")
+    parser.add_argument("--assumed_tflops", type=float, default=150.0 if not TINY else 0.005,
                         help="run: all processes together, until measured (for the deadline)")
-    parser.add_argument("--runs_dir", type=Path, default=RUNS_DIR)
     args = parser.parse_args()
     if args.command in ("pack", "unpack") and args.archive is None:
         parser.error(f"{args.command} needs the archive's path")
     if args.command == "run":
-        run_phase(args.phase, args.runs_dir, args.deadline_minutes, args.parallel, args.assumed_tokens_per_second)
+        run_phase(args.phase, args.deadline_minutes, args.parallel, args.assumed_tflops)
     elif args.command == "pack":
-        pack(args.runs_dir, args.archive)
+        pack(args.archive)
     elif args.command == "unpack":
-        unpack(args.runs_dir, args.archive)
+        unpack(args.archive)
     else:
-        table = report(args.runs_dir, REPORT)
-        print(json.dumps(dict(summary=table["summary"], final_val_loss=table["final_val_loss"],
-                              steps_to_target=table["steps_to_target"], missing=table["missing"]), indent=1,
-                         default=str, ensure_ascii=False))
+        report(RUNS_DIR, REPORT)
+        table = report_v3(V3_DIR)
+        print(json.dumps(dict(summary=table["summary"], missing=table["missing"]), indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

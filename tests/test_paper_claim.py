@@ -1,10 +1,14 @@
-"""bench/paper_claim.py's protocol logic and statistics on synthetic results: no training, a few seconds."""
+"""bench/paper_claim.py's protocol logic and statistics on synthetic results, and one tiny real run of its
+training worker: seconds on a CPU."""
 
+import dataclasses
 import importlib.util
 import json
 import math
 import random
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +151,116 @@ def test_report_on_synthetic_results(tmp_path):
     paper_metric = saved["steps_to_target"]["normuon_to_muon_final_paper_metric"]
     assert paper_metric["step"] == 1000  # the synthetic curves are 0.5 (1 - step/steps) above their final loss
     assert "NorMuon lower".lower() in saved["summary"][0].lower()
+
+
+# -----------------------------------------------------------------------------
+# Protocol v3: the plan, the statistics across sizes, the report, and one real (tiny) training run
+
+
+def test_v3_plan_order_and_settings():
+    plan = paper_claim.v3_plan("v3")
+    large, small = paper_claim.LARGE, paper_claim.SMALL
+    first = plan[:6]  # the larger size's Muon and NorMuon, seeds 1..3, before anything else
+    assert [(r.size, r.optimizer, r.seed) for r in first] == [
+        (large, o, s) for s in (1, 2, 3) for o in ("muon", "normuon")]
+    assert [r.lr for r in first[:2]] == [paper_claim.grid_lr(5), paper_claim.grid_lr(4)]
+    below = plan[6:8]
+    assert [(r.optimizer, r.lr, r.seed) for r in below] == [
+        ("muon", paper_claim.grid_lr(4), 1), ("normuon", paper_claim.grid_lr(3), 1)]
+    control = plan[12]
+    assert (control.size, control.optimizer, control.seed, control.rerun) == (small, "normuon", 1, True)
+    assert control.name.endswith("-seed1-rerun") and control.lr == 4e-3
+    assert len(plan) == len(set((r.size, r.name) for r in plan)) == 12 + 6 + 2 + 5
+    assert {r.optimizer for r in plan[-5:]} == {"normuon_larger"} and plan[-1].size == large
+    assert set(paper_claim.v3_plan("claim") + paper_claim.v3_plan("axis")) == set(plan)
+
+
+def test_v3_run_flags():
+    run = paper_claim.v3_plan("axis")[-1]  # NorMuon along the larger dimension, larger size
+    flags = dict(zip(*[iter(run.flags(Path("runs")))] * 2))
+    assert flags["--optimizer"] == "normuon" and run.neuron_axis() == "larger"
+    assert flags["--preset"] == "code-26m" and flags["--max_steps"] == "2400" and flags["--warmup_steps"] == "120"
+    assert run.tokens == 2400 * 128 * 256
+    assert paper_claim.parameter_count(paper_claim.LARGE) == 25_567_744
+    assert paper_claim.parameter_count(paper_claim.SMALL) == 10_916_736
+    v2_run = Run("normuon", 4e-3, seed=1)  # v2's names are unchanged, so v3 finds v2's runs
+    assert v2_run.name == "normuon-lr0.004-alr0.004-wu50-clip0-steps1000-seed1"
+
+
+def test_welch_difference_of_two_paired_gaps():
+    first = paper_claim.paired_difference({s: 1.0 - 0.01 * s for s in range(1, 6)}, {s: 1.0 for s in range(1, 6)})
+    second = paper_claim.paired_difference({s: 1.0 + 0.002 * (-1) ** s for s in range(1, 6)},
+                                           {s: 1.0 for s in range(1, 6)})
+    change = paper_claim.welch_difference(first, second)
+    v1, v2 = first["sd"] ** 2 / 5, second["sd"] ** 2 / 5
+    df = (v1 + v2) ** 2 / (v1 ** 2 / 4 + v2 ** 2 / 4)
+    half = paper_claim.t_quantile_975(math.floor(df)) * math.sqrt(v1 + v2)
+    assert change["mean"] == pytest.approx(-0.03 + 0.0004)  # the second gap's mean is -0.0004
+    assert change["df"] == pytest.approx(df) and change["ci95"] == pytest.approx(
+        [change["mean"] - half, change["mean"] + half])
+    assert change["verdict"] == "first lower"
+    assert paper_claim.welch_difference(first, {"sd": None})["ci95"] is None
+
+
+def v3_synthetic_loss(run: Run) -> float:
+    """At v2's size v2's synthetic bowl (the control 0.001 above v2's run, the larger axis 0.003 below
+    NorMuon); at the larger size each optimizer's own seed noise around 1.30, Muon's lr off its best."""
+    if run.size == paper_claim.SMALL:
+        normuon = synthetic_loss(dataclasses.replace(run, optimizer="normuon", rerun=False))
+        return normuon + 0.001 if run.rerun else normuon - 0.003
+    shift = {"muon": 0.0, "normuon": -0.02, "normuon_larger": -0.023}[run.optimizer]
+    noise = 0.004 * random.Random(f"{run.optimizer} {run.seed}").gauss(0, 1)
+    return 1.3 + shift + noise + 0.01 * abs(math.log2(run.lr / 4e-3))
+
+
+def test_v3_report_on_synthetic_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper_claim, "RUNS_DIR", tmp_path / "v2")
+    monkeypatch.setattr(paper_claim, "V3_DIR", tmp_path / "v3")
+    complete_protocol(tmp_path / "v2")  # v2's runs at the smaller size
+    for run in paper_claim.v3_plan("v3"):
+        write_result(tmp_path / "v3" / run.size, run, v3_synthetic_loss(run))
+    (tmp_path / "v3" / "_invocations").mkdir()
+    (tmp_path / "v3" / "_invocations" / "1.json").write_text(json.dumps(dict(
+        command="python bench/paper_claim.py run --phase v3", device="GPU", torch="2.x",
+        date="2026-01-01T00:00:00", wall_seconds=300.0, corpus_train_tokens=1, runs_ended=[], runs_killed=[])))
+    table = paper_claim.report_v3(tmp_path / "paper_claim_v3")
+    saved = json.loads((tmp_path / "paper_claim_v3.json").read_text())
+    assert (tmp_path / "paper_claim_v3.png").stat().st_size > 0 and saved["missing"] == []
+    large, small = (saved["sizes"][s] for s in (paper_claim.LARGE, paper_claim.SMALL))
+    settings = paper_claim.v3_settings()
+    per_seed = lambda o: [v3_synthetic_loss(dataclasses.replace(settings[paper_claim.LARGE, o], seed=s))
+                          for s in paper_claim.SEEDS]
+    gap = [n - m for n, m in zip(per_seed("normuon"), per_seed("muon"))]
+    assert large["paired_differences"]["normuon_minus_muon"]["per_seed"] == pytest.approx(gap)
+    assert small["paired_differences"]["normuon_larger_minus_normuon"]["mean"] == pytest.approx(-0.003)
+    assert small["paired_differences"]["normuon_minus_muon"]["mean"] == pytest.approx(-0.02)  # v2's runs
+    change = saved["gap_change_with_size"]["larger_minus_smaller"]
+    assert change["mean"] == pytest.approx(statistics.mean(gap) + 0.02)
+    assert saved["control"]["difference"] == pytest.approx(0.001)
+    assert saved["lr_check"]["normuon"]["check"] == "the reported lr ends lowest"
+    assert saved["lr_check"]["muon"]["check"].startswith("lr 0.004 ends")  # its reported lr is 5.66e-3
+    target = statistics.mean(per_seed("muon"))  # synthetic curves: 0.5 (1 - step / steps) above the final
+    expected = next(step for step in range(50, 2401, 50)
+                    if statistics.mean(per_seed("normuon")) + 0.5 * (1 - step / 2400) <= target)
+    assert large["steps_to_target"]["normuon_to_muon_final"]["step"] == expected
+    assert table["summary"][0].startswith(f"{paper_claim.SMALL} (10.9M parameters): NorMuon − Muon")
+
+
+def test_tiny_training_runs_through_the_worker(tmp_path):
+    """Two real 3-step runs of the tiny model through `paper_claim.py train`: NorMuon along the output axis and
+    along the larger dimension (the MLP down-projection, 64 x 256, is wide): both finish, and they differ."""
+    corpus = tmp_path / "corpus.txt"
+    paper_claim.write_tiny_corpus(corpus)
+    finals = {}
+    for axis in ("output", "larger"):
+        flags = ["--preset", "tiny", "--data", str(corpus), "--seq_len", "32", "--batch_size", "4", "--max_steps",
+                 "3", "--warmup_steps", "1", "--eval_interval", "3", "--eval_batches", "1", "--log_interval", "1",
+                 "--checkpoint_interval", "3", "--sample_tokens", "0", "--grad_clip", "0", "--lr", "0.02",
+                 "--adamw_lr", "0.004", "--seed", "1", "--optimizer", "normuon", "--device", "cpu",
+                 "--run_name", axis, "--out_dir", str(tmp_path)]
+        command = [sys.executable, str(paper_claim.Path(paper_claim.__file__)), "train", "--neuron_axis", axis]
+        subprocess.run(command + flags, check=True, capture_output=True, cwd=paper_claim.ROOT)
+        records = paper_claim.read_metrics(tmp_path / axis)
+        assert [r["step"] for r in records] == [1, 2, 3] and math.isfinite(records[-1]["val_loss"])
+        finals[axis] = records[-1]["val_loss"]
+    assert finals["output"] != finals["larger"]
