@@ -1,38 +1,43 @@
-"""Muon vs NorMuon on transformers' GPT-2 124M, whose Conv1D weights keep the output neurons in columns.
+"""Muon vs NorMuon on transformers' GPT-2 124M, whose Conv1D weights keep output neurons in columns.
 
-    python bench/hf_gpt2.py                # one GPU, 6 minutes at most; writes bench/results/hf_gpt2.json
-    python bench/hf_gpt2.py --resume       # keep the finished runs of that file and run what the sweep still needs
-    python bench/hf_gpt2.py --tiny         # a tiny model for a few steps on CPU: checks that the script runs
+    python bench/hf_gpt2.py            # one GPU, 6 minutes at most: bench/results/hf_gpt2.json
+    python bench/hf_gpt2.py --resume   # keep that file's finished runs, run what the sweep needs
+    python bench/hf_gpt2.py --tiny     # a tiny model for a few steps on CPU: checks that it runs
 
-The default Shakespeare corpus must be prepared first (it is downloaded once, so on a machine with network):
-``python -c "import train_gpt; train_gpt.load_shakespeare('data')"``.
+The default Shakespeare corpus must be prepared first (it is downloaded once, so on a machine with
+network): ``python -c "import train_gpt; train_gpt.load_shakespeare('data')"``.
 
 Protocol (every number is a flag):
-- Model: ``transformers.GPT2LMHeadModel`` with GPT-2 124M's shape (12 layers, 12 heads, width 768, context
-  1024) but a byte vocabulary (256: 86M parameters), no dropout, sdpa attention, tied embeddings; bf16
-  autocast, no compile.
-- Data: the Shakespeare bytes (train_gpt.load_shakespeare); 300 steps of 8 random crops of 1024 + 1 tokens
-  (8,192 tokens a step, 2.5M in all: about half a pass over the 4.73M training tokens), drawn from the run's
-  seed, so Muon and NorMuon see the same batches at the same seed; validation loss on the whole held-out
-  text (3 plays, 330k tokens, in consecutive windows) every 50 steps and at the end.
-- Optimizers: one ``NorMuon`` on ``split_parameters``' groups: the hidden matrices (every Conv1D weight,
-  layout "in_out") get Muon (``normalize=False``), NorMuon (one second moment per output neuron, the paper)
-  or NorMuon with ``neuron_axis="larger"`` (along each matrix's larger dimension, as modded-nanogpt and
-  nanochat), match_rms_adamw scaling, weight decay 0.1; embeddings, norms and biases get AdamW (lr 3e-3,
-  betas (0.9, 0.95), no weight decay). Linear warmup of 30 steps, then linear decay to 0, for both.
-- Learning rates: an equal lr is not an equal step (NorMuon's update RMS is exactly 0.2·lr, Muon's is
-  0.2·lr times the RMS of Newton–Schulz's singular values), so each optimizer gets its own sweep at seed 0:
-  1.5e-3, 3e-3, 6e-3, then, while its best lr is the lowest (highest) of its sweep, half (twice) that lr,
-  up to --max_lrs points; then seeds 1 and 2 at its best lr. A seed sets the initialization and the batches.
-- Reported: final validation loss per run; per optimizer, mean and range over the 3 seeds at its best lr.
-  For one matrix (block 6's MLP up-projection, 3072 neurons of 768 inputs) the spread (coefficient of
-  variation) of the latest update's per-neuron norms along the output-neuron axis (columns) and along
-  the other axis, and the update's RMS / lr, at step 1 and at each evaluation: with the axis right,
-  NorMuon's spread over neurons is ~0 at step 1 (v_0 = 0 makes it exact) and its RMS / lr is 0.2.
+- Model: ``transformers.GPT2LMHeadModel`` with GPT-2 124M's shape (12 layers, 12 heads, width 768,
+  context 1024) but a byte vocabulary (256: 86M parameters), no dropout, sdpa attention, tied
+  embeddings; bf16 autocast, no compile.
+- Data: the Shakespeare bytes (train_gpt.load_shakespeare); 300 steps of 8 random crops of 1024 + 1
+  tokens (8,192 tokens a step, 2.5M in all: about half a pass over the 4.73M training tokens), drawn
+  from the run's seed, so Muon and NorMuon see the same batches at the same seed; validation loss on
+  the whole held-out text (3 plays, 330k tokens, in consecutive windows) every 50 steps and at the
+  end.
+- Optimizers: one ``NorMuon`` on ``split_parameters``' groups: the hidden matrices (every Conv1D
+  weight, layout "in_out") get Muon (``normalize=False``), NorMuon (one second moment per output
+  neuron, the paper) or NorMuon with ``neuron_axis="larger"`` (along each matrix's larger dimension,
+  as modded-nanogpt and nanochat), match_rms_adamw scaling, weight decay 0.1; embeddings, norms and
+  biases get AdamW (lr 3e-3, betas (0.9, 0.95), no weight decay). Linear warmup of 30 steps, then
+  linear decay to 0, for both.
+- Learning rates: an equal lr is not an equal step (NorMuon's update RMS is exactly 0.2·lr, Muon's
+  is 0.2·lr times the RMS of Newton–Schulz's singular values), so each optimizer gets its own sweep
+  at seed 0: 1.5e-3, 3e-3, 6e-3, then, while its best lr is the lowest (highest) of its sweep, half
+  (twice) that lr, up to --max_lrs points; then seeds 1 and 2 at its best lr. A seed sets the
+  initialization and the batches.
+- Reported: final validation loss per run; per optimizer, mean and range over the 3 seeds at its
+  best lr. For one matrix (block 6's MLP up-projection, 3072 neurons of 768 inputs) the spread
+  (coefficient of variation) of the latest update's per-neuron norms along the output-neuron axis
+  (columns) and along the other axis, and the update's RMS / lr, at step 1 and at each evaluation:
+  with the axis right, NorMuon's spread over neurons is ~0 at step 1 (v_0 = 0 makes it exact) and
+  its RMS / lr is 0.2.
 
 Runs go ``--jobs`` at a time in subprocesses, so that runs this small can share one GPU. The script
-never starts a run it does not expect to finish by ``--deadline_minutes`` and stops any run still going
-then; results are written to ``--out`` after every run, so a run cut short keeps what finished.
+never starts a run it does not expect to finish by ``--deadline_minutes`` and stops any run still
+going then; results are written to ``--out`` after every run, so a run cut short keeps what
+finished.
 """
 
 import argparse

@@ -1,121 +1,143 @@
-"""The paper's training-efficiency claim at small scale: NorMuon vs Muon vs AdamW on one GPU (protocols v2, v3).
+"""The paper's training-efficiency claim at small scale: NorMuon vs Muon vs AdamW on one GPU.
 
-    python bench/paper_claim.py run --phase v3 --deadline_minutes 7 --parallel 6   # resumable, deadline-driven
-    python bench/paper_claim.py pack results.tar      # the finished runs (and the record of each `run`) in one file
-    python bench/paper_claim.py unpack results.tar    # merge them back into bench/results/
-    python bench/paper_claim.py report                # the v2 and v3 JSON and plots, from saved metrics
+    python bench/paper_claim.py run --phase v3 --deadline_minutes 7   # resumable, deadline-driven
+    python bench/paper_claim.py pack results.tar     # the finished runs (and each `run`'s record)
+    python bench/paper_claim.py unpack results.tar   # merge them back into bench/results/
+    python bench/paper_claim.py report               # v2's and v3's JSON and plots, from metrics
 
-`run` starts training processes side by side on the GPU (--parallel), only those it expects to finish before
-the deadline (from the speed measured so far), skips runs already finished, stops the lowest-priority runs when
-the measured speed says not all running ones can finish, and at the deadline kills and discards unfinished ones.
-Phases: v2's tune, report and all (10.9M model, bench/results/paper_claim/); v3's claim, axis and v3 (both, in
-that order; bench/results/paper_claim_v3/). Each training process is `paper_claim.py train`: train_gpt.py's own
-run, with two things its flags cannot say set in that process first: a model shape that is no preset, and
-NorMuon's neuron_axis. PAPER_CLAIM_TINY=1 shrinks everything (tiny models, 40-60 steps, a text file of Python's
-own sources, results under out/) to check the whole pipeline on a CPU in minutes.
+`run` starts training processes side by side on the GPU (--parallel), only those it expects to
+finish before the deadline (from the speed measured so far), skips runs already finished, stops the
+lowest-priority runs when the measured speed says not all running ones can finish, and at the
+deadline kills and discards unfinished ones. Phases: v2's tune, report and all (10.9M model,
+bench/results/paper_claim/); v3's claim, axis and v3 (both, in that order;
+bench/results/paper_claim_v3/). Each training process is `paper_claim.py train`: train_gpt.py's own
+run, with two things its flags cannot say set in that process first: a model shape that is no
+preset, and NorMuon's neuron_axis. PAPER_CLAIM_TINY=1 shrinks everything (tiny models, 40-60 steps,
+a text file of Python's own sources, results under out/) to check the whole pipeline on a CPU in
+minutes.
 
 Protocol v3, fixed before its first run
 ---------------------------------------
-Questions: (1) scale: is NorMuon − Muon more negative for a model 2.3x larger than v2's, at the same tokens per
-parameter, data and schedule shape? (2) axis: does NorMuon with its second moment along each matrix's larger
-dimension (modded-nanogpt, nanochat: `neuron_axis="larger"`) end lower or higher than the paper's one per output
-neuron? In this GPT only the MLP down-projections (512 x 2048, wide) differ between the two; every other hidden
-matrix is square or tall, so both keep one number per row there.
+Questions: (1) scale: is NorMuon − Muon more negative for a model 2.3x larger than v2's, at the same
+tokens per parameter, data and schedule shape? (2) axis: does NorMuon with its second moment along
+each matrix's larger dimension (modded-nanogpt, nanochat: `neuron_axis="larger"`) end lower or
+higher than the paper's one per output neuron? In this GPT only the MLP down-projections (512 x
+2048, wide) differ between the two; every other hidden matrix is square or tall, so both keep one
+number per row there.
 
-- Sizes: v2's 10.9M model (its finished runs reused: same data, flags and seeds) and 25.6M parameters: 8 layers,
-  8 heads, width 512, context 256 (the largest model whose paired runs fit the GPU time at hand: cost grows as the
-  square of the size at fixed tokens per parameter). 25.6M: 2400 steps of 128 x 256 tokens = 78.6M tokens (3.07
-  per parameter; v2: 3.00), single pass (133.4M training tokens); validation every 120 steps (20 times, as v2) on
-  v2's 10 batches; everything else as v2 (warmup 5%, linear decay to 0, weight decay 0.1, AdamW at 4e-3 on
-  embeddings, head and norms, bf16 autocast, no compile). NorMuon's element-wise stages run eagerly (compile=False),
-  as in v2, so that new 10.9M runs pair with v2's.
-- Learning rates, fixed before any 25.6M run: v2's tuned lrs scaled by sqrt(384/512) = 0.87 (holding the
-  update's spectral norm fixed as the width grows: the RMS-matched update of an m x n matrix has spectral norm
-  0.2·lr·sqrt(max(m, n))) and rounded to the nearest point of v2's √2 grid, which is v2's own point: Muon 5.66e-3
-  (k = 5), NorMuon 4e-3 (k = 4); NorMuon along the larger dimension takes NorMuon's lr at both sizes (its update
-  RMS is the same 0.2·lr). v2's rule (tune on seed 0, then 5 seeds) needs a second round of runs at 25.6M that
-  does not fit, so instead the lr is checked, not chosen: at seed 1, each of Muon and NorMuon also runs one grid
-  point below (k − 1, the direction the scaling predicts) and then one above (k + 1). The verdict is stated at the
-  fixed lrs; if a bracket point ends lower than the reported lr at seed 1, the report says so next to it.
-- Reporting: seeds 1..5 at each optimizer's lr, paired by seed (same init and data order). At 10.9M the new runs
-  are NorMuon along the larger dimension at v2's NorMuon settings, seeds 1..5, and one control: v2's NorMuon
-  seed 1 run again with the current code (its difference from v2's result says whether new runs pair with v2's).
-- Reported (bench/results/paper_claim_v3.json, .png): per size, final validation loss (per seed, mean, range);
-  paired NorMuon − Muon, NorMuon(larger) − NorMuon, NorMuon(larger) − Muon with 95% t intervals and v2's verdict
-  rule ("not resolved" with its bound); the change of NorMuon − Muon from 10.9M to 25.6M with a Welch 95% interval
-  (sizes are not paired); steps to a reference's seed-mean final loss by the paper's metric (first evaluation of
-  the seed-mean curve at or below it): each orthogonalizing optimizer to Muon's final loss at both sizes, to
-  AdamW's at 10.9M; the lr bracket; the control. A plot of the gaps against size.
-- Cuts, decided now for the GPU time at hand (about 13 minutes on one H200 in two calls): no AdamW, no lr grid
-  and no shortened schedules at 25.6M (so no steps to AdamW's loss there, and the steps-to-target is the
-  paper's metric alone); the larger-dimension variant is not tuned. Runs start in this priority order and
-  whatever does not fit is missing (listed in the report): 25.6M Muon and NorMuon seeds 1..3; their k − 1
-  points; seeds 4, 5; their k + 1 points (phase claim); then the 10.9M control and larger-dimension seeds 1..5;
-  then 25.6M larger-dimension seeds 1..5 (phase axis). Amended before the second call (phase v3): the 10.9M
-  control and larger-dimension runs (together 1.1 25.6M runs) go before the k + 1 points, since the time left
-  holds about 8 25.6M runs and the remaining claim runs take 7; the order of everything else is unchanged. A 25.6M run costs 1.33e16 FLOPs (evaluation included),
-  5.3x a 10.9M run; at the ~150 TFLOP/s v2's packing reached, 89 s of the whole GPU: about 8 fit in a 7-minute
-  call.
+- Sizes: v2's 10.9M model (its finished runs reused: same data, flags and seeds) and 25.6M
+  parameters: 8 layers, 8 heads, width 512, context 256 (the largest model whose paired runs fit the
+  GPU time at hand: cost grows as the square of the size at fixed tokens per parameter). 25.6M: 2400
+  steps of 128 x 256 tokens = 78.6M tokens (3.07 per parameter; v2: 3.00), single pass (133.4M
+  training tokens); validation every 120 steps (20 times, as v2) on v2's 10 batches; everything else
+  as v2 (warmup 5%, linear decay to 0, weight decay 0.1, AdamW at 4e-3 on embeddings, head and
+  norms, bf16 autocast, no compile). NorMuon's element-wise stages run eagerly (compile=False), as
+  in v2, so that new 10.9M runs pair with v2's.
+- Learning rates, fixed before any 25.6M run: v2's tuned lrs scaled by sqrt(384/512) = 0.87 (holding
+  the update's spectral norm fixed as the width grows: the RMS-matched update of an m x n matrix has
+  spectral norm 0.2·lr·sqrt(max(m, n))) and rounded to the nearest point of v2's √2 grid, which is
+  v2's own point: Muon 5.66e-3 (k = 5), NorMuon 4e-3 (k = 4); NorMuon along the larger dimension
+  takes NorMuon's lr at both sizes (its update RMS is the same 0.2·lr). v2's rule (tune on seed 0,
+  then 5 seeds) needs a second round of runs at 25.6M that does not fit, so instead the lr is
+  checked, not chosen: at seed 1, each of Muon and NorMuon also runs one grid point below (k − 1,
+  the direction the scaling predicts) and then one above (k + 1). The verdict is stated at the fixed
+  lrs; if a bracket point ends lower than the reported lr at seed 1, the report says so next to it.
+- Reporting: seeds 1..5 at each optimizer's lr, paired by seed (same init and data order). At 10.9M
+  the new runs are NorMuon along the larger dimension at v2's NorMuon settings, seeds 1..5, and one
+  control: v2's NorMuon seed 1 run again with the current code (its difference from v2's result says
+  whether new runs pair with v2's).
+- Reported (bench/results/paper_claim_v3.json, .png): per size, final validation loss (per seed,
+  mean, range); paired NorMuon − Muon, NorMuon(larger) − NorMuon, NorMuon(larger) − Muon with 95% t
+  intervals and v2's verdict rule ("not resolved" with its bound); the change of NorMuon − Muon from
+  10.9M to 25.6M with a Welch 95% interval (sizes are not paired); steps to a reference's seed-mean
+  final loss by the paper's metric (first evaluation of the seed-mean curve at or below it): each
+  orthogonalizing optimizer to Muon's final loss at both sizes, to AdamW's at 10.9M; the lr bracket;
+  the control. A plot of the gaps against size.
+- Cuts, decided now for the GPU time at hand (about 13 minutes on one H200 in two calls): no AdamW,
+  no lr grid and no shortened schedules at 25.6M (so no steps to AdamW's loss there, and the
+  steps-to-target is the paper's metric alone); the larger-dimension variant is not tuned. Runs
+  start in this priority order and whatever does not fit is missing (listed in the report): 25.6M
+  Muon and NorMuon seeds 1..3; their k − 1 points; seeds 4, 5; their k + 1 points (phase claim);
+  then the 10.9M control and larger-dimension seeds 1..5; then 25.6M larger-dimension seeds 1..5
+  (phase axis). Amended before the second call (phase v3): the 10.9M control and larger-dimension
+  runs (together 1.1 25.6M runs) go before the k + 1 points, since the time left holds about 8 25.6M
+  runs and the remaining claim runs take 7; the order of everything else is unchanged. A 25.6M run
+  costs 1.33e16 FLOPs (evaluation included), 5.3x a 10.9M run; at the ~150 TFLOP/s v2's packing
+  reached, 89 s of the whole GPU: about 8 fit in a 7-minute call.
 
 Protocol v2, fixed before its first run
 ---------------------------------------
-Question: does NorMuon reach a lower validation loss than Muon, and than AdamW, in the same number of steps,
-and how many fewer steps does it need to reach their final loss?
+Question: does NorMuon reach a lower validation loss than Muon, and than AdamW, in the same number
+of steps, and how many fewer steps does it need to reach their final loss?
 
-- Data: the byte-token code corpus (`--data data/code/`, vocabulary 256, made by bench/prepare_corpus.py; whole
-  packages held out for validation). Training sequences in a shuffled order that depends on the seed, each
-  token at most once (a single pass: `run` checks that the training split holds more tokens than a run
-  reads). The same validation batches for every run and every evaluation.
-- Model: train_gpt.py's `shakespeare-10m` preset (6 layers, 6 heads, width 384, context 256): 10.9M parameters
-  with a 256-byte vocabulary. bf16 autocast, no compile.
-- Schedule: 1000 steps of 128 x 256 = 32,768 tokens: 32.8M training tokens (3.0 per parameter). Linear warmup
-  over 5% of the steps, then linear decay to 0 (the paper's schedule). Validation every 50 steps on the same
-  10 batches (328k tokens) of held-out text.
-- Optimizers: AdamW, Muon or NorMuon train the hidden matrices with weight decay 0.1; AdamW (betas 0.9, 0.95)
-  trains embeddings, output head and norms at lr 4e-3, no weight decay. Muon and NorMuon scale their update to
-  RMS 0.2·lr, so one √2-spaced grid of the hidden-matrix lr serves all three: lr_k = 1e-3 · 2^(k/2).
+- Data: the byte-token code corpus (`--data data/code/`, vocabulary 256, made by
+  bench/prepare_corpus.py; whole packages held out for validation). Training sequences in a shuffled
+  order that depends on the seed, each token at most once (a single pass: `run` checks that the
+  training split holds more tokens than a run reads). The same validation batches for every run and
+  every evaluation.
+- Model: train_gpt.py's `shakespeare-10m` preset (6 layers, 6 heads, width 384, context 256): 10.9M
+  parameters with a 256-byte vocabulary. bf16 autocast, no compile.
+- Schedule: 1000 steps of 128 x 256 = 32,768 tokens: 32.8M training tokens (3.0 per parameter).
+  Linear warmup over 5% of the steps, then linear decay to 0 (the paper's schedule). Validation
+  every 50 steps on the same 10 batches (328k tokens) of held-out text.
+- Optimizers: AdamW, Muon or NorMuon train the hidden matrices with weight decay 0.1; AdamW (betas
+  0.9, 0.95) trains embeddings, output head and norms at lr 4e-3, no weight decay. Muon and NorMuon
+  scale their update to RMS 0.2·lr, so one √2-spaced grid of the hidden-matrix lr serves all three:
+  lr_k = 1e-3 · 2^(k/2).
 - Tuning, on seed 0, which is not a reporting seed:
-  * lr grid: AdamW k = 0..4 (1e-3 .. 4e-3), Muon and NorMuon k = 2..6 (2e-3 .. 8e-3), centred on v1's best. While
-    the best lr is at an edge of the finished grid, the next √2 point outward is added (at most 8 points).
-  * AdamW gets a fair chance: at its best grid lr, one knob at a time, embedding/head lr (--adamw_lr) 2e-3
-    and 8e-3, warmup 2% and 10%, gradient clipping (--grad_clip, max global norm) 1.0 and 0.25 (default:
-    off). If the best value of two or more knobs differs from the default, their combination is run too.
-    Muon and NorMuon keep the defaults.
-  * Each optimizer's reporting settings: its tuning run with the lowest final validation loss (a run whose
-    training loss turns non-finite, or whose final validation loss is non-finite, counts as diverged: +inf).
-- Reporting: seeds 1..5 for each optimizer at its settings (paired by seed: the same initialization and data
-  order for the three optimizers). NorMuon also runs shortened schedules: 0.9x, 0.8x and 0.5x the steps (same
-  lr, warmup and decay rescaled to the shorter run) on seeds 1..3.
-- Reported (bench/results/paper_claim.json): final validation loss per optimizer (per seed, mean, range, sd);
-  paired differences NorMuon − Muon, NorMuon − AdamW, Muon − AdamW with 95% t intervals over the 5 seeds.
-  Verdict on NorMuon vs Muon: "NorMuon lower" if the interval of NorMuon − Muon lies below 0, "Muon lower" if
-  above, else "not resolved" (the interval then bounds any difference); the same rule for AdamW's gap.
-  Steps to target, two ways: (a) the paper's metric: the first evaluated step at which the seed-mean validation
-  curve of NorMuon (or Muon) is at or below the reference's (AdamW's or Muon's) seed-mean final loss; (b) from
-  the shortened schedules: the schedule length at which NorMuon's seed-mean final loss (seeds 1..3, full length
-  included) crosses the reference's final loss, interpolated linearly between neighbouring lengths; "not
-  reached" if even the full schedule ends above it, "<= 0.5x" if the shortest run is already below it.
-- Compute, sized for two `run` calls of 8 minutes on one H100 (several runs sharing the GPU): the 10M model at
-  8k tokens per step ran at 0.61M tokens/s in one process, launch-bound (4% MFU); at 32k tokens per step with
-  8 processes sharing the GPU we expect about 2.2M tokens/s together (~16% MFU: matmuls ~6 ms, unfused
-  element-wise work ~6 ms and the optimizer's small kernels ~3 ms per 32k-token step). Runs: tuning 15 grid + 6
-  AdamW knobs + 1 combination + 0-3 grid extensions = 22-25; reporting 15 + 3 x (0.9 + 0.8 + 0.5) = 21.6
-  run-equivalents; total ~45 x 32.8M = 1.5B tokens, +7% evaluation = 1.6B tokens = ~730 s at 2.2M tokens/s,
-  of the ~900 s two blocks give after start-up and the last partly filled round: 20% to spare if throughput is
-  lower. 10 tokens per parameter (109M tokens per run) would need 3.3x as much GPU time, so it is not done;
-  neither is a second model size. Runs start in priority order (tuning, with AdamW's longer chain of dependent
-  runs first; reporting seeds; NorMuon at 0.9x, 0.8x, 0.5x), so if time runs out the last of these are
-  missing, and the report lists them. Training time in the metrics is wall time while sharing the GPU.
+  * lr grid: AdamW k = 0..4 (1e-3 .. 4e-3), Muon and NorMuon k = 2..6 (2e-3 .. 8e-3), centred on
+    v1's best. While the best lr is at an edge of the finished grid, the next √2 point outward is
+    added (at most 8 points).
+  * AdamW gets a fair chance: at its best grid lr, one knob at a time, embedding/head lr
+    (--adamw_lr) 2e-3 and 8e-3, warmup 2% and 10%, gradient clipping (--grad_clip, max global norm)
+    1.0 and 0.25 (default: off). If the best value of two or more knobs differs from the default,
+    their combination is run too. Muon and NorMuon keep the defaults.
+  * Each optimizer's reporting settings: its tuning run with the lowest final validation loss (a run
+    whose training loss turns non-finite, or whose final validation loss is non-finite, counts as
+    diverged: +inf).
+- Reporting: seeds 1..5 for each optimizer at its settings (paired by seed: the same initialization
+  and data order for the three optimizers). NorMuon also runs shortened schedules: 0.9x, 0.8x and
+  0.5x the steps (same lr, warmup and decay rescaled to the shorter run) on seeds 1..3.
+- Reported (bench/results/paper_claim.json): final validation loss per optimizer (per seed, mean,
+  range, sd); paired differences NorMuon − Muon, NorMuon − AdamW, Muon − AdamW with 95% t intervals
+  over the 5 seeds. Verdict on NorMuon vs Muon: "NorMuon lower" if the interval of NorMuon − Muon
+  lies below 0, "Muon lower" if above, else "not resolved" (the interval then bounds any
+  difference); the same rule for AdamW's gap. Steps to target, two ways: (a) the paper's metric: the
+  first evaluated step at which the seed-mean validation curve of NorMuon (or Muon) is at or below
+  the reference's (AdamW's or Muon's) seed-mean final loss; (b) from the shortened schedules: the
+  schedule length at which NorMuon's seed-mean final loss (seeds 1..3, full length included) crosses
+  the reference's final loss, interpolated linearly between neighbouring lengths; "not reached" if
+  even the full schedule ends above it, "<= 0.5x" if the shortest run is already below it.
+- Compute, sized for two `run` calls of 8 minutes on one H100 (several runs sharing the GPU): the
+  10M model at 8k tokens per step ran at 0.61M tokens/s in one process, launch-bound (4% MFU); at
+  32k tokens per step with 8 processes sharing the GPU we expect about 2.2M tokens/s together (~16%
+  MFU: matmuls ~6 ms, unfused element-wise work ~6 ms and the optimizer's small kernels ~3 ms per
+  32k-token step). Runs: tuning 15 grid + 6 AdamW knobs + 1 combination + 0-3 grid extensions =
+  22-25; reporting 15 + 3 x (0.9 + 0.8 + 0.5) = 21.6 run-equivalents; total ~45 x 32.8M = 1.5B
+  tokens, +7% evaluation = 1.6B tokens = ~730 s at 2.2M tokens/s, of the ~900 s two blocks give
+  after start-up and the last partly filled round: 20% to spare if throughput is lower. 10 tokens
+  per parameter (109M tokens per run) would need 3.3x as much GPU time, so it is not done; neither
+  is a second model size. Runs start in priority order (tuning, with AdamW's longer chain of
+  dependent runs first; reporting seeds; NorMuon at 0.9x, 0.8x, 0.5x), so if time runs out the last
+  of these are missing, and the report lists them. Training time in the metrics is wall time while
+  sharing the GPU.
 
 History
 -------
-- v3: written down before its first run, after v2's results (bench/results/paper_claim.json).
+- v3: written down before its first run, after v2's results (bench/results/paper_claim.json). Ran
+  on one H200 (torch 2.11.0+cu130, 2026-12-01) in two calls: `run --phase claim` (333 s; train_gpt.py
+  and normuon.py of commit 692e31d): 25.6M Muon seeds 1-3 and NorMuon seeds 1-2; `run --phase v3`
+  (356 s; train_gpt.py of 692e31d with normuon.py of 6461d26, through two_lists): NorMuon seed 3,
+  both k - 1 points, both optimizers' seed 4. Five 25.6M processes sharing the GPU ran at 1.8M
+  tokens/s together (~290 TFLOP/s of model FLOPs), 187-200 TFLOP/s over each call with start-up and
+  the last round, so 5 runs fitted per call, not the 8 estimated. Not run, for want of GPU time:
+  seed 5 at 25.6M, the k + 1 points, the control and every larger-dimension run.
 - v2: written down before its first run, after v1's results had been rechecked.
-- v1 (this script before protocol v2): Shakespeare bytes, 4.73M training tokens read front to back in the same
-  order for every seed; 1000 steps of 64 x 256 tokens (3.5 passes), then 32 x 256 (1.73 passes, "v1.5"); lr
-  grid in steps of 2x chosen on seed 1337, which was also one of the 3 reported seeds; only AdamW's
-  hidden-matrix lr tuned. Its results were removed from the tree (they are in the git history); v2 replaces
-  them.
+- v1 (this script before protocol v2): Shakespeare bytes, 4.73M training tokens read front to back
+  in the same order for every seed; 1000 steps of 64 x 256 tokens (3.5 passes), then 32 x 256 (1.73
+  passes, "v1.5"); lr grid in steps of 2x chosen on seed 1337, which was also one of the 3 reported
+  seeds; only AdamW's hidden-matrix lr tuned. Its results were removed from the tree (they are in
+  the git history); v2 replaces them.
 """
 
 import argparse
@@ -990,7 +1012,8 @@ def report_v3(out: Path) -> dict:
         torch=", ".join(sorted({i["torch"] for i in invocations})),
         date=", ".join(sorted({i["date"][:10] for i in invocations})),
         commands=[dict(command=i["command"], date=i["date"], wall_seconds=round(i["wall_seconds"]),
-                       runs_ended=len(i["runs_ended"]), runs_stopped=len(i["runs_killed"])) for i in invocations],
+                       source=i.get("source_commit"), runs_ended=len(i["runs_ended"]),
+                       runs_stopped=len(i["runs_killed"])) for i in invocations],
         device_seconds=round(sum(i["wall_seconds"] for i in invocations)),
         protocol=dict(sizes=SIZES, models=MODELS, seeds=list(SEEDS), larger_size_grid_points=V3_GRID,
                       corpus_train_tokens=invocations[-1]["corpus_train_tokens"] if invocations else None),
