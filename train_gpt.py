@@ -1,6 +1,6 @@
 """Train a GPT with NorMuon, Muon or AdamW: one file, one process or many (FSDP2), CPU or CUDA.
 
-    python train_gpt.py                   # a tiny GPT on Shakespeare: about 40 s on a CPU
+    python train_gpt.py                   # a tiny GPT on Shakespeare: under a minute on a CPU
     python train_gpt.py --optimizer muon  # plain Muon (or adamw) on the hidden matrices
     python train_gpt.py --resume          # continue out/<run_name>/ from its newest good checkpoint
     torchrun --nproc_per_node 8 --max-restarts 3 train_gpt.py --preset gpt2-124m --data fineweb/
@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from normuon import NorMuon, split_parameters
 from prepare_data import Dataset, UserError, load_data, prepare_shakespeare
-from prepare_data import load_shakespeare, read_shard, write_shard  # noqa: F401 (bench/ uses them)
+from prepare_data import load_shakespeare, read_shard, write_shard  # noqa: F401 (bench/, tutorial)
 from runs import (Interrupted, append_metrics, attempt_store, interrupted, on_rank_zero,
                   save_checkpoint, start_or_resume, stop_requests, tell_torchrun)
 
@@ -559,11 +559,11 @@ def gpu_stats(record: dict, model_config: GPTConfig, config: TrainConfig, world_
 def describe_run(config, model, world_size, device, run_dir, warmup, start) -> str:
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     resumed = learning_rate_factor(start, warmup, config.max_steps)
-    return (f"{parameters:.2f}M parameters, {model.config}\n{config.optimizer}, lr {config.lr:g}, "
-            f"warmup {warmup} steps, linear decay to 0 at step {config.max_steps}"
+    return (f"{parameters:.2f}M parameters, {model.config}\n{config.optimizer}, lr {config.lr:g}: "
+            f"warmup {warmup} of {config.max_steps} steps, then linear decay to 0"
             + (f" (at step {start}: {resumed:.3f} x the peak)" if start else "")
-            + f"\ndata {config.data or 'Shakespeare'}; {world_size} process(es) on {device.type}; "
-            f"writing {run_dir}/")
+            + f"\ndata: {config.data or Path(config.data_dir) / 'shakespeare'}; {world_size} "
+            f"process(es) on {device.type}; writing {run_dir}/")
 
 
 def format_log_line(record: dict, max_steps: int, shown: str) -> str:
