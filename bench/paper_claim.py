@@ -61,7 +61,11 @@ number per row there.
   then the 10.9M control and larger-dimension seeds 1..5; then 25.6M larger-dimension seeds 1..5
   (phase axis). Amended before the second call (phase v3): the 10.9M control and larger-dimension
   runs (together 1.1 25.6M runs) go before the k + 1 points, since the time left holds about 8 25.6M
-  runs and the remaining claim runs take 7; the order of everything else is unchanged. A 25.6M run
+  runs and the remaining claim runs take 7; the order of everything else is unchanged. Amended
+  after the third call (phase axis: the 10.9M control and larger-dimension seeds 1..5), because the
+  control ended 0.0056 above v2's run of the same seed: phase reruns makes v2's NorMuon seeds 2..5
+  again with the current code, and the axis is also reported within one code (larger dimension
+  minus the re-runs, paired by seed), next to how far the re-runs moved from v2's (same seeds). A 25.6M run
   costs 1.33e16 FLOPs (evaluation included), 5.3x a 10.9M run; at the ~150 TFLOP/s v2's packing
   reached, 89 s of the whole GPU: about 8 fit in a 7-minute call.
 
@@ -362,7 +366,10 @@ def v3_plan(phase: str) -> list:
     control = dataclasses.replace(settings[SMALL, "normuon_larger"], optimizer="normuon", seed=SEEDS[0], rerun=True)
     axis_small = [control] + seeds(["normuon_larger"], SMALL, SEEDS)
     axis_large = seeds(["normuon_larger"], LARGE, SEEDS)
-    return dict(claim=claim + v3_bracket(+1), axis=axis_small + axis_large,
+    # Amended after the control (seed 1 again with the current code) ended 0.0056 above v2's run: the
+    # other seeds of NorMuon again with the current code, so that the axis is compared within one code.
+    reruns = [dataclasses.replace(control, seed=s) for s in SEEDS[1:]]
+    return dict(claim=claim + v3_bracket(+1), axis=axis_small + axis_large, reruns=reruns,
                 v3=claim + axis_small + v3_bracket(+1) + axis_large)[phase]
 
 
@@ -596,7 +603,7 @@ def run_phase(phase: str, deadline_minutes: float, parallel: int, assumed_tflops
     the running ones cannot all finish."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # e.g. `timeout`: still stop the runs and record
     started, info = time.monotonic(), preflight()
-    deadline, v3 = started + 60 * deadline_minutes, phase in ("claim", "axis", "v3")
+    deadline, v3 = started + 60 * deadline_minutes, phase in ("claim", "axis", "v3", "reruns")
     for runs_dir in [RUNS_DIR] if not v3 else [V3_DIR / size for size in SIZES]:
         discard_unfinished(runs_dir)
     active, ended, killed, last_stop, meter = {}, [], [], 0.0, GpuRate(1e12 * assumed_tflops)
@@ -983,12 +990,15 @@ def v3_lr_check(results: dict) -> dict:
     return table
 
 
-def v3_control(results: dict, v2_normuon: Run) -> dict:
-    """v2's NorMuon seed-1 run, and the same run made again with the current code."""
-    original = final_loss(results, dataclasses.replace(v2_normuon, seed=SEEDS[0]))
-    again = final_loss(results, dataclasses.replace(v2_normuon, seed=SEEDS[0], rerun=True))
-    return dict(run=dataclasses.replace(v2_normuon, seed=SEEDS[0]).name, v2=original, again=again,
-                difference=None if None in (original, again) else again - original)
+def v3_control(results: dict, v2_normuon: Run, larger: Run) -> dict:
+    """v2's NorMuon runs made again with the current code: how far the code moved them (paired by seed),
+    and the larger-dimension variant against the re-runs, within one code (the amended axis comparison)."""
+    original = seed_losses(results, v2_normuon, SEEDS)
+    again = seed_losses(results, dataclasses.replace(v2_normuon, rerun=True), SEEDS)
+    variant = seed_losses(results, larger, SEEDS)
+    return dict(run=v2_normuon.name, v2=original, again=again,
+                again_minus_v2=paired_difference(again, original),
+                larger_minus_again=paired_difference(variant, again))
 
 
 def report_v3(out: Path) -> dict:
@@ -1007,7 +1017,8 @@ def report_v3(out: Path) -> dict:
         gap_change_with_size=dict(of="NorMuon − Muon", larger_minus_smaller=welch_difference(*gap)),
         axis_change_with_size=dict(of="NorMuon(larger) − NorMuon", larger_minus_smaller=welch_difference(*axis)),
         sizes=sizes, lr_check=v3_lr_check(results[LARGE]),
-        control=v3_control(results[SMALL], v2_best["normuon"]) if "normuon" in v2_best else None,
+        control=v3_control(results[SMALL], v2_best["normuon"], settings[SMALL]["normuon_larger"])
+        if "normuon" in v2_best else None,
         gpu=", ".join(sorted({i["device"] for i in invocations})),
         torch=", ".join(sorted({i["torch"] for i in invocations})),
         date=", ".join(sorted({i["date"][:10] for i in invocations})),
@@ -1094,7 +1105,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("command", choices=["run", "pack", "unpack", "report"])
     parser.add_argument("archive", nargs="?", type=Path, help="pack/unpack: the .tar file")
-    parser.add_argument("--phase", choices=["tune", "report", "all", "claim", "axis", "v3"], default="v3",
+    parser.add_argument("--phase", choices=["tune", "report", "all", "claim", "axis", "v3", "reruns"], default="v3",
                         help="run: v2's tune, report, all; v3's claim, axis, v3 (both)")
     parser.add_argument("--deadline_minutes", type=float, default=8.0, help="run: stop starting and kill runs then")
     parser.add_argument("--parallel", type=int, default=6, help="run: training processes at a time")

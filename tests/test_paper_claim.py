@@ -217,7 +217,7 @@ def test_v3_report_on_synthetic_results(tmp_path, monkeypatch):
     monkeypatch.setattr(paper_claim, "RUNS_DIR", tmp_path / "v2")
     monkeypatch.setattr(paper_claim, "V3_DIR", tmp_path / "v3")
     complete_protocol(tmp_path / "v2")  # v2's runs at the smaller size
-    for run in paper_claim.v3_plan("v3"):
+    for run in paper_claim.v3_plan("v3") + paper_claim.v3_plan("reruns"):
         write_result(tmp_path / "v3" / run.size, run, v3_synthetic_loss(run))
     (tmp_path / "v3" / "_invocations").mkdir()
     (tmp_path / "v3" / "_invocations" / "1.json").write_text(json.dumps(dict(
@@ -236,7 +236,9 @@ def test_v3_report_on_synthetic_results(tmp_path, monkeypatch):
     assert small["paired_differences"]["normuon_minus_muon"]["mean"] == pytest.approx(-0.02)  # v2's runs
     change = saved["gap_change_with_size"]["larger_minus_smaller"]
     assert change["mean"] == pytest.approx(statistics.mean(gap) + 0.02)
-    assert saved["control"]["difference"] == pytest.approx(0.001)
+    assert saved["control"]["again_minus_v2"]["mean"] == pytest.approx(0.001)  # the code's shift
+    assert saved["control"]["larger_minus_again"]["mean"] == pytest.approx(-0.004)  # within one code
+    assert saved["control"]["larger_minus_again"]["n"] == len(paper_claim.SEEDS)
     assert saved["lr_check"]["normuon"]["check"] == "the reported lr ends lowest"
     assert saved["lr_check"]["muon"]["check"].startswith("lr 0.004 ends")  # its reported lr is 5.66e-3
     target = statistics.mean(per_seed("muon"))  # synthetic curves: 0.5 (1 - step / steps) above the final
