@@ -341,7 +341,7 @@ def test_extending_a_run_follows_the_longer_schedule_and_keeps_counting_time(wor
     more = train_gpt.train(small_config(workdir, "extended", max_steps=20, resume=True))
     output = capsys.readouterr().out
     assert "changed flags: --max_steps 20 (was 10)" in output
-    assert "decay to 0 at step 20 (at step 10: 0.667 x the peak)" in output
+    assert "warmup 5 of 20 steps, then linear decay to 0 (at step 10: 0.667 x the peak)" in output
     assert [r["lr"] for r in more] == pytest.approx([0.01 * train_gpt.learning_rate_factor(s, 5, 20)
                                                      for s in range(10, 20)])
     assert more[0]["training_seconds"] > first[-1]["training_seconds"]  # not restarted at 0
