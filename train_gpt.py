@@ -425,6 +425,7 @@ def train(config: TrainConfig) -> list:
 
 
 def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> list:
+    """This rank's part of the run: data, model, run directory, then the loop."""
     print0 = print if rank == 0 else (lambda *args, **kwargs: None)
     dataset, model_config, loader, val, eval_sample = load_run_data(config, rank, world_size)
     seq_len, accum, max_steps = model_config.block_size, config.grad_accum_steps, config.max_steps
@@ -439,10 +440,9 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
     metrics, last_log = [], (start, seconds)  # seconds: of training, not evaluating or saving
     with stop_requests() as stop:
         for step in range(start, max_steps):
-            started, done = time.perf_counter(), step + 1  # done: what logs and checkpoints count
-            evaluate_now = config.eval_batches and (done % config.eval_interval == 0
-                                                    or done == max_steps)
-            log_now = done % config.log_interval == 0 or done == max_steps or evaluate_now
+            started, done, last = time.perf_counter(), step + 1, step + 1 == max_steps  # steps done
+            eval_now = config.eval_batches and (done % config.eval_interval == 0 or last)
+            log_now = done % config.log_interval == 0 or last or eval_now
             factor = learning_rate_factor(step, warmup, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -482,7 +482,7 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
                               tokens_per_second=config.batch_size * seq_len / step_seconds,
                               training_seconds=seconds,
                               row_norms=update_row_stats(tracked, before, optimizer))
-                if evaluate_now:
+                if eval_now:
                     record["val_loss"] = evaluate(forward, val, eval_sample, device)
                 if device.type == "cuda":
                     record.update(gpu_stats(record, model_config, config, world_size, device))
@@ -492,10 +492,10 @@ def train_on(config: TrainConfig, rank: int, world_size: int, device: torch.devi
                 print0(format_log_line(record, max_steps, shown))
 
             # --- checkpoint; stop after a signal (one during the last step lets the run finish)
-            if done % config.checkpoint_interval == 0 or done == max_steps or stopping:
+            if done % config.checkpoint_interval == 0 or last or stopping:
                 kept = save_checkpoint(run_dir / "checkpoints", model, optimizer, kept, step=done,
                                        data_position=loader.position, training_seconds=seconds)
-            if stopping and done < max_steps:
+            if stopping and not last:
                 raise interrupted(stop, done, kept)
     if config.sample_tokens > 0:
         text = sample_text(model, dataset, config.sample_tokens, config.seed, device)
