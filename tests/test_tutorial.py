@@ -9,8 +9,10 @@ repository root:
     jupyter nbconvert --to notebook --execute --inplace tutorial.ipynb
 """
 
+import functools
 import json
 import math
+import operator
 import re
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "tutorial.ipynb"
-FIGURE_CELLS = 8  # code cells tagged "figure": each must draw at least one PNG
+FIGURE_CELLS = 9  # code cells tagged "figure": each must draw at least one PNG
 OPTIONAL_CELLS = 3  # tagged "optional": they need transformers or torch.distributed, and say so
 
 MATRICES = ("up-projection blocks.2.mlp.fc", "down-projection blocks.2.mlp.proj")  # section 2's
@@ -29,6 +31,20 @@ CITATIONS = {"2510.05491", "2025", "2024"}
 HIDDEN_FROM_PROSE_CHECK = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|`[^`]*`|\]\([^)]*\)",
                                      re.S)  # code, math and link targets
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+V3_RESULT = REPO / "bench/results/paper_claim_v3.json"
+# Section 7's v3 table: each row's entry in paper_claim_v3.json, and the names behind "first lower"
+# and "second lower". The first three are protocol v3's questions.
+V3_ROWS = {
+    "NorMuon - Muon at 25.6M": (("sizes", "25.6m", "paired_differences", "normuon_minus_muon"),
+                                "NorMuon", "Muon"),
+    "its change with size": (("gap_change_with_size", "larger_minus_smaller"),
+                             "the larger size", "the smaller size"),
+    "larger axis, one code": (("control", "larger_minus_again"), "NorMuon(larger)", "NorMuon"),
+    "larger axis, v2's runs": (("sizes", "10.9m", "paired_differences",
+                                "normuon_larger_minus_normuon"), "NorMuon(larger)", "NorMuon"),
+}
+V3_QUESTIONS = ("NorMuon - Muon at 25.6M", "its change with size", "larger axis, one code")
 
 # Appended to the executed copy: the values the notebook's text relies on, from its variables.
 PROBE = """
@@ -136,6 +152,78 @@ def test_committed_notebook_has_outputs_from_one_top_to_bottom_run():
     assert NOTEBOOK.stat().st_size < 1_200_000, "keep the notebook small (PNGs at modest dpi)"
     unshown = unshown_prose_numbers(notebook)
     assert not unshown, f"(cell index, number) in the prose that no cell above shows: {unshown}"
+
+
+def v3_prose(notebook):
+    """The markdown cell right after the code cell that reads paper_claim_v3.json, with the
+    notebook's minus signs written as the result file's."""
+    cells = notebook.cells
+    index = next(i for i, cell in enumerate(cells)
+                 if cell.cell_type == "code" and "paper_claim_v3.json" in cell.source)
+    assert cells[index + 1].cell_type == "markdown", "the v3 table must be followed by its reading"
+    return cells[index + 1].source.replace("\u2212", "-")
+
+
+def list_items(markdown):
+    """The items of the markdown's bulleted lists ('* ' lines and their indented continuations)."""
+    items = []
+    for line in markdown.splitlines():
+        if line.startswith("* "):
+            items.append(line)
+        elif items and line.startswith("  ") and items[-1] is not None:
+            items[-1] += " " + line.strip()
+        else:
+            items.append(None)
+    return [item for item in items if item is not None]
+
+
+def interval(difference):
+    return "[{:+.4f}, {:+.4f}]".format(*difference["ci95"])
+
+
+def test_v3_prose_states_the_result_files_answers():
+    """Each v3 row's bullet quotes the file's mean and interval and says its verdict (and no other);
+    the closing sentence, none of the three questions resolved, holds and quotes their bounds."""
+    v3 = json.loads(V3_RESULT.read_text())
+    prose = v3_prose(nbformat.read(NOTEBOOK, as_version=4))
+    items = list_items(prose)
+    for row, (path, first, second) in V3_ROWS.items():
+        difference = functools.reduce(operator.getitem, path, v3)
+        bullets = [item for item in items if interval(difference) in item]
+        assert len(bullets) == 1, (row, interval(difference), items)
+        bullet = bullets[0]
+        assert f"{difference['mean']:.4f}" in bullet, (row, difference["mean"], bullet)
+        verdict = difference["verdict"]
+        if verdict == "not resolved":
+            assert "not resolved" in bullet, (row, bullet)
+            assert difference["ci95"][0] < 0 < difference["ci95"][1], (row, difference)
+        else:
+            lower = {"first lower": first, "second lower": second}[verdict]
+            assert f"{lower} lower" in bullet and "not resolved" not in bullet, (row, bullet)
+    closing = next((paragraph for paragraph in prose.split("\n\n")
+                    if "none of the three v3 questions is resolved" in paragraph), None)
+    assert closing is not None, "the v3 reading lost its closing sentence"
+    for row in V3_QUESTIONS:
+        difference = functools.reduce(operator.getitem, V3_ROWS[row][0], v3)
+        assert difference["verdict"] == "not resolved", (row, difference)
+        assert interval(difference) in closing.replace("\n", " "), (row, closing)
+    # The lr check: one grid point lower, Muon ends clearly lower, NorMuon barely moves.
+    def gain_one_point_lower(check):
+        final = {float(lr): loss for lr, loss in check["final_val_loss"].items()
+                 if loss is not None}
+        lower = max(lr for lr in final if lr < check["reported_lr"])
+        return final[check["reported_lr"]] - final[lower]
+
+    muon_gain, normuon_gain = (gain_one_point_lower(v3["lr_check"][name])
+                               for name in ("muon", "normuon"))
+    assert muon_gain > 0.005 and abs(normuon_gain) < 0.001, (muon_gain, normuon_gain)
+    # Same-seed re-runs of v2's NorMuon move by more than the v2's-runs row's mean.
+    rerun = max(map(abs, v3["control"]["again_minus_v2"]["per_seed"]))
+    versus_v2 = v3["sizes"]["10.9m"]["paired_differences"]["normuon_larger_minus_normuon"]
+    assert rerun > abs(versus_v2["mean"]), (rerun, versus_v2)
+    # The larger axis was not run at the larger size, so the axis is compared at 10.9M only.
+    assert "normuon_larger" not in v3["sizes"]["25.6m"]["final_val_loss"], v3["sizes"]["25.6m"]
+    assert v3["axis_change_with_size"]["larger_minus_smaller"]["mean"] is None
 
 
 def test_optional_parts_say_what_they_need_where_it_is_missing():
