@@ -398,6 +398,8 @@ class NorMuon(torch.optim.Optimizer):
         second_moments = {param: entry["second_moment"] for param, entry in saved.items()
                           if isinstance(entry, dict) and "second_moment" in entry}
         super().load_state_dict(state_dict)
+        for key in ("_captured", "_warm"):  # correctness: a captured graph holds the old state
+            self.__dict__.pop(key, None)
         for param, second_moment in second_moments.items():
             device = self.state[param]["second_moment"].device
             self.state[param]["second_moment"] = second_moment.to(device, torch.float32)
