@@ -31,7 +31,6 @@ from torch.distributed.tensor import DTensor
 
 from normuon import NorMuon, split_parameters
 from prepare_data import Dataset, UserError, load_data, prepare_shakespeare
-from prepare_data import load_shakespeare, read_shard, write_shard  # noqa: F401 (bench/, tutorial)
 from runs import (Interrupted, append_metrics, attempt_store, interrupted, on_rank_zero,
                   save_checkpoint, start_or_resume, stop_requests, tell_torchrun)
 

@@ -5,13 +5,13 @@
     python bench/hf_gpt2.py --tiny     # a tiny model for a few steps on CPU: checks that it runs
 
 The default Shakespeare corpus must be prepared first (it is downloaded once, so on a machine with
-network): ``python -c "import train_gpt; train_gpt.load_shakespeare('data')"``.
+network): ``python -c "import prepare_data; prepare_data.load_shakespeare('data')"``.
 
 Protocol (every number is a flag):
 - Model: ``transformers.GPT2LMHeadModel`` with GPT-2 124M's shape (12 layers, 12 heads, width 768,
   context 1024) but a byte vocabulary (256: 86M parameters), no dropout, sdpa attention, tied
   embeddings; bf16 autocast, no compile.
-- Data: the Shakespeare bytes (train_gpt.load_shakespeare); 300 steps of 8 random crops of 1024 + 1
+- Data: the Shakespeare bytes (prepare_data.load_shakespeare); 300 steps of 8 random crops of 1024 + 1
   tokens (8,192 tokens a step, 2.5M in all: about half a pass over the 4.73M training tokens), drawn
   from the run's seed, so Muon and NorMuon see the same batches at the same seed; validation loss on
   the whole held-out text (3 plays, 330k tokens, in consecutive windows) every 50 steps and at the
@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import normuon  # noqa: E402
 import train_gpt  # noqa: E402
+import prepare_data  # noqa: E402
 
 OPTIMIZERS = ("muon", "normuon", "normuon_larger")
 NOT_PROTOCOL = ("worker", "out", "resume")  # flags that do not change a run
@@ -164,7 +165,7 @@ def train_one(args, optimizer_name: str, lr: float, seed: int, stop_at: float) -
     model = build_model(args, seed, device)
     optimizer = build_optimizer(model, optimizer_name, lr, args)
     forward = torch.compile(model) if args.compile else model
-    train, val = train_gpt.load_shakespeare(args.data_dir)
+    train, val = prepare_data.load_shakespeare(args.data_dir)
     batches = random_batches(train, args.batch_size, args.seq_len, seed, device)
     val_batches = validation_batches(val, args.batch_size, args.seq_len, args.val_batches, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -396,7 +397,7 @@ def main() -> None:
         spec = json.loads(args.worker)
         print(json.dumps(train_one(args, spec["optimizer"], spec["lr"], spec["seed"], spec["stop_at"])))
         return
-    train_gpt.load_shakespeare(args.data_dir)  # fail here, once, if the data is missing
+    prepare_data.load_shakespeare(args.data_dir)  # fail here, once, if the data is missing
     deadline = time.time() + 60 * args.deadline_minutes
     results = Results(args)
     results.write()

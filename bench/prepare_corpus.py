@@ -40,6 +40,7 @@ of its files are generated copies and it is not needed to pass 100M training tok
 
 import argparse
 import email
+import email.message
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from train_gpt import UserError, read_shard, write_shard  # noqa: E402
+from prepare_data import UserError, read_shard, write_shard  # noqa: E402
 
 
 @dataclass(frozen=True)

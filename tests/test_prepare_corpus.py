@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import prepare_corpus as pc  # noqa: E402
-from train_gpt import UserError, read_shard  # noqa: E402
+from prepare_data import UserError, read_shard  # noqa: E402
 
 
 def code(i: int) -> bytes:
