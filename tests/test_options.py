@@ -205,3 +205,21 @@ def test_bad_input_raises_a_one_line_value_error_naming_the_fix(make, message):
     with pytest.raises(ValueError, match=message) as error:
         make(nn.Parameter(torch.zeros(4, 4)))
     assert "\n" not in str(error.value)
+
+
+def test_the_two_optimizer_way_still_works_and_equals_the_one_object():
+    """split_parameters' groups, NorMuon's to NorMuon and the use_muon=False one to torch's AdamW:
+    the same parameters, bit for bit, as one NorMuon object with both."""
+    one, two = adamw_model(), adamw_model()
+    single = normuon.NorMuon(normuon.split_parameters(one, adamw_lr=3e-3), lr=1e-2)
+    groups = normuon.split_parameters(two, adamw_lr=3e-3)
+    pair = [normuon.NorMuon([g for g in groups if g["use_muon"]], lr=1e-2),
+            torch.optim.AdamW([g for g in groups if not g["use_muon"]], foreach=False)]
+    for step in range(3):
+        for model, optimizers in ((one, [single]), (two, pair)):
+            loss_of(model, step).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q)
