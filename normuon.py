@@ -38,7 +38,10 @@ last axis, replicated over the first), and ``NorMuon.step`` runs this plan in ea
     7. the update, locally                                                                (line 7)
 So every matrix is orthogonalized once per shard group (once in the job under FSDP2, once per
 replica under HSDP, whose replicas hold the same gradients), and the result equals the
-single-device one. AdamW is element-wise: it runs on each rank's shard as it is.
+single-device one. Other placements on a 1-D or 2-D mesh (tensor parallel: Shard(1), or Shard on
+both axes) take a simpler, slower path with the same result: every rank gathers the whole matrices,
+runs lines 3-6 on them, and keeps its own part of the update. AdamW is element-wise: it runs on
+each rank's shard as it is.
 """
 
 import math
@@ -48,7 +51,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.optim.adamw import adamw as torch_adamw
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as in torch.optim.Muon
@@ -329,7 +332,8 @@ class NorMuon(torch.optim.Optimizer):
 
     Distributed: DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's ``fully_shard``) or
     over the last axis of a 2-D (replicate, shard) mesh (HSDP) need no extra argument: see the
-    module docstring for the plan. ``compile`` (default: on CUDA) runs the element-wise stages
+    module docstring for the plan; other Shard/Replicate placements (tensor parallel) work too,
+    gathered whole on every rank. ``compile`` (default: on CUDA) runs the element-wise stages
     under ``torch.compile``. ``cuda_graph=True`` (CUDA only) records the whole step once as a CUDA
     graph and replays it (see ``_graphed_step``): no per-kernel launch cost on small models.
     """
@@ -504,6 +508,10 @@ class NorMuon(torch.optim.Optimizer):
         """Algorithm 1 for K parameters of one shape, all at once (speed: one batched NS and a few
         fused kernels per bucket, not a Python loop per matrix)."""
         layout, sharded = group["layout"], isinstance(params[0], DTensor)
+        # Any other placement (tensor parallel): every rank gathers the whole matrices, runs lines
+        # 3-6 on them as one device would, and keeps its own part of the update (exact, not fast).
+        gathered = sharded and not _row_sharded(params[0])
+        sharded = sharded and not gathered
         # (rows, columns): the full matrix, rows its output neurons; the statistic's slices
         meta = torch.empty((1, *params[0].shape), device="meta")
         rows, columns = as_matrices(meta, layout).shape[-2:]  # the full matrix; rows: neurons
@@ -528,6 +536,8 @@ class NorMuon(torch.optim.Optimizer):
                                            group["nesterov"])          # (K, rows here, ...) bf16
         # 2-5. Newton–Schulz (line 3): here, or sharded: once per shard group, by each owner.
         ns_arguments = (group["ns_steps"], group["ns_coefficients"])
+        if gathered:
+            update = _gather_whole(update, params)                      # (K, *shape) on every rank
         if sharded:
             orthogonal = _orthogonalize_on_owners(update, params[0].shape, layout, owners,
                                                   _shard_group(params[0].device_mesh), ns_arguments)
@@ -560,6 +570,13 @@ class NorMuon(torch.optim.Optimizer):
                                                group["adjust_lr_fn"])
             factors = factors.view(len(params), *_neuron_shape(params[0].shape, statistic))
             factors = factors[:, mine].reshape(local_shape)
+
+        if gathered:  # each rank keeps its own part of the scaled update D
+            scaled = as_matrices(orthogonal, layout) * (factors[..., None, :] if along_columns
+                                                        else factors[..., None])
+            orthogonal = _local_parts(from_matrices(scaled, layout, orthogonal.shape), params)
+            factors = orthogonal.new_ones(as_matrices(orthogonal, layout).size(0), 1)
+            along_columns = False
 
         # 7. The update, locally (line 7).
         compiled(apply_update)(weights, orthogonal, factors, layout, lr, weight_decay,
@@ -723,23 +740,45 @@ def _check_parameter(param: Tensor, layout: str) -> None:
         raise ValueError("NorMuon does not support complex parameters; pass real matrices only.")
     if isinstance(param, DTensor):
         _check_mesh(param)
-        if param.to_local().shape[0] != len(_shard_rows(param)):
+        if _row_sharded(param) and param.to_local().shape[0] != len(_shard_rows(param)):
             raise ValueError("NorMuon expects FSDP2's row sharding (torch.chunk along dim 0); this "
                              f"DTensor's local shard has {param.to_local().shape[0]} of "
                              f"{param.shape[0]} rows.")
 
 
 def _check_mesh(param: DTensor) -> None:
-    """FSDP2 (Shard(0) on a 1-D mesh) or HSDP ((Replicate(), Shard(0)) on a 2-D mesh)."""
+    """A 1-D or 2-D mesh, each axis Shard(dim) or Replicate(): FSDP2 and HSDP take the fast path
+    (``_row_sharded``), any other such placement (tensor parallel) the gathered one."""
     mesh, placements = param.device_mesh, tuple(param.placements)
     if mesh.ndim > 2:
-        raise ValueError(f"NorMuon supports 1-D (FSDP2) and 2-D (HSDP: replicate, shard) device "
-                         f"meshes; got a {mesh.ndim}-D mesh: flatten it to (replicate, shard).")
-    expected = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))
-    if placements != expected:
+        raise ValueError(f"NorMuon supports 1-D (FSDP2) and 2-D (HSDP, or FSDP + tensor parallel) "
+                         f"device meshes; got a {mesh.ndim}-D mesh: flatten it to two axes.")
+    kinds_known = all(type(placement) in (Shard, Replicate) for placement in placements)
+    if not kinds_known or all(placement == Replicate() for placement in placements):
         raise ValueError("NorMuon supports DTensor parameters sharded on dim 0 over a 1-D mesh "
-                         "(FSDP2's fully_shard) or (Replicate(), Shard(0)) on a 2-D mesh (HSDP); "
-                         f"got {placements} on a {mesh.ndim}-D mesh.")
+                         "(FSDP2), on (replicate, shard) meshes (HSDP), or Shard/Replicate on each "
+                         f"axis (tensor parallel); got {placements} on a {mesh.ndim}-D mesh.")
+
+
+def _row_sharded(param: DTensor) -> bool:
+    """FSDP2 (Shard(0) on a 1-D mesh) or HSDP ((Replicate(), Shard(0)) on a 2-D mesh): the layouts
+    the once-per-shard-group plan of the module docstring handles."""
+    expected = (Shard(0),) if param.device_mesh.ndim == 1 else (Replicate(), Shard(0))
+    return tuple(param.placements) == expected
+
+
+def _gather_whole(stack: Tensor, params: list) -> Tensor:
+    """The whole tensors (K, *shape) on every rank, from this rank's parts (K, *local shape)."""
+    whole = [DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape,
+                                stride=p.stride()).full_tensor() for part, p in zip(stack, params)]
+    return torch.stack(whole)
+
+
+def _local_parts(stack: Tensor, params: list) -> Tensor:
+    """This rank's parts (K, *local shape) of whole tensors (K, *shape) that every rank holds."""
+    parts = [distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+             for whole, p in zip(stack, params)]
+    return torch.stack(parts)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -775,13 +814,14 @@ def _owners(params: list) -> dict:
 
 
 def _same_shape_buckets(group: dict) -> list:
-    """A group's parameters with a gradient, grouped by (shape, dtype, device, mesh), biggest
-    first. Every rank computes the same buckets in the same order: the collectives depend on it."""
+    """A group's parameters with a gradient, grouped by (shape, dtype, device, mesh, placements),
+    biggest first. Every rank computes the same buckets in the same order: the collectives depend on it."""
     buckets = defaultdict(list)
     for param in group["params"]:
         if param.grad is not None:
             mesh = param.device_mesh if isinstance(param, DTensor) else None
-            buckets[(param.shape, param.dtype, param.device, mesh)].append(param)
+            placements = tuple(param.placements) if mesh is not None else None
+            buckets[(param.shape, param.dtype, param.device, mesh, placements)].append(param)
     return sorted(buckets.values(), key=lambda bucket: -bucket[0].numel())
 
 

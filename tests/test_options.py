@@ -3,13 +3,17 @@ torch.optim.AdamW for the use_muon=False groups, float64 iterations of the Polar
 and tests/reference.py (float64 Algorithm 1) with cautious weight decay and the larger-dimension
 statistic."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import normuon
 from reference import ReferenceNorMuon, newton_schulz_float64
-from test_normuon import run_against_reference, singular_values, with_spectrum
+from test_normuon import REPO, run_against_reference, singular_values, with_spectrum
 
 # -----------------------------------------------------------------------------
 # One optimizer: AdamW groups inside NorMuon
@@ -223,3 +227,21 @@ def test_the_two_optimizer_way_still_works_and_equals_the_one_object():
                 optimizer.zero_grad()
     for p, q in zip(one.parameters(), two.parameters()):
         assert torch.equal(p, q)
+
+
+# -----------------------------------------------------------------------------
+# Tensor-parallel placements: the gathered path, exact
+
+
+def test_tensor_parallel_placements_equal_single_device(tmp_path):
+    """tests/tp_worker.py: Shard(1) and Shard(0) on either axis of a (dp, tp) mesh of 4 ranks, and on
+    a 1-D mesh, every layout and the options, uneven shards: each rank gathers the whole matrices and
+    keeps its part of the update, so only the order of float additions can differ: ≤ 1e-6."""
+    result = tmp_path / "result.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+                    str(REPO / "tests" / "tp_worker.py"), str(result)], check=True, timeout=300,
+                   cwd=REPO)
+    outcome = json.loads(result.read_text())
+    assert max(outcome["param_errors"].values()) < 1e-6, outcome["param_errors"]
+    assert max(outcome["state_errors"].values()) < 1e-6, outcome["state_errors"]
+    assert len(outcome["state_errors"]) == 2 * (len(outcome["param_errors"]) - 1) + 3  # AdamW: 3
