@@ -815,7 +815,8 @@ def _owners(params: list) -> dict:
 
 def _same_shape_buckets(group: dict) -> list:
     """A group's parameters with a gradient, grouped by (shape, dtype, device, mesh, placements),
-    biggest first. Every rank computes the same buckets in the same order: the collectives depend on it."""
+    biggest first. Every rank computes the same buckets in the same order: the collectives depend
+    on it."""
     buckets = defaultdict(list)
     for param in group["params"]:
         if param.grad is not None:
