@@ -257,6 +257,8 @@ def test_notebook_runs_top_to_bottom_and_shows_what_its_text_says():
     check_figures(notebook)
     probe = json.loads(output_text(notebook.cells[-1]).split("PROBE ", 1)[1])
     notebook.cells.pop()
+    fsdp_output = [output_text(cell) for cell in code_cells(notebook) if "fsdp_worker.py" in cell.source]
+    assert probe["fsdp_errors"] is not None, f"the live FSDP2 check did not run: {fsdp_output}"
     assert not unshown_prose_numbers(notebook), unshown_prose_numbers(notebook)
     check_section_1_to_4(probe)
     check_section_5_to_8(probe)
