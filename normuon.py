@@ -211,16 +211,22 @@ def neuron_factors(square_sums: Tensor, second_moments: list, shape, beta2, eps,
     return scale[:, None] / divisors
 
 
-def apply_update(weights: list, orthogonal: Tensor, factors: Tensor, layout: str, lr,
-                 weight_decay, cautious: bool = False, along_columns: bool = False) -> None:
-    """Line 7, in place on K same-shape weights: W_t = W_{t-1} - η λ W_{t-1} - η D, where D is O_t
-    (the stack (K, *shape), bf16) with each row (or, ``along_columns``, each column) of each
-    matrix times ``factors`` (B, m) (or (B, n)) from ``neuron_factors``, or (B, 1) = η̂_t / η for
-    Muon. D is computed in fp32. ``cautious`` (Chen et al., arXiv:2510.12402) decays only where
-    D and W have the same sign: W_t = W_{t-1} - η λ 1[D ⊙ W_{t-1} >= 0] ⊙ W_{t-1} - η D."""
+def scaled_direction(orthogonal: Tensor, factors: Tensor, layout: str,
+                     along_columns: bool = False) -> Tensor:
+    """D = (η̂_t / η) Ô_t: the stack O_t (K, *shape) with each row (or, ``along_columns``, each
+    column) of each matrix times ``factors`` (B, m) (or (B, n)) from ``neuron_factors``, or (B, 1)
+    = η̂_t / η for Muon; fp32, shaped like ``orthogonal``."""
     matrices = as_matrices(orthogonal, layout)
     scaled = matrices * (factors[..., None, :] if along_columns else factors[..., None])
-    direction = from_matrices(scaled, layout, orthogonal.shape)
+    return from_matrices(scaled, layout, orthogonal.shape)
+
+
+def apply_update(weights: list, orthogonal: Tensor, factors: Tensor, layout: str, lr,
+                 weight_decay, cautious: bool = False, along_columns: bool = False) -> None:
+    """Line 7, in place on K same-shape weights: W_t = W_{t-1} - η λ W_{t-1} - η D, with D from
+    ``scaled_direction`` (O_t bf16, D fp32). ``cautious`` (Chen et al., arXiv:2510.12402) decays
+    only where D and W have the same sign: W_t = W_{t-1} - η λ 1[D ⊙ W >= 0] ⊙ W_{t-1} - η D."""
+    direction = scaled_direction(orthogonal, factors, layout, along_columns)
     for weight, update in zip(weights, direction.unbind(0)):
         update = update.to(weight.dtype)
         if cautious:
@@ -254,9 +260,8 @@ def normuon_update(grad: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
         factors = neuron_factors(neuron_square_sums(slices),
                                  list(second_moment.view(-1, slices.size(-2))), shape,
                                  beta2, eps, adjust_lr_fn)
-    factors = factors.to(orthogonal.device)
-    scaled = orthogonal * (factors[..., None, :] if along_columns else factors[..., None])
-    return scaled.reshape(grad.shape)
+    direction = scaled_direction(orthogonal, factors.to(orthogonal.device), "out_in", along_columns)
+    return direction.reshape(grad.shape)
 
 
 def statistic_along_columns(shape, neuron_axis: str) -> bool:
@@ -572,9 +577,8 @@ class NorMuon(torch.optim.Optimizer):
             factors = factors[:, mine].reshape(local_shape)
 
         if gathered:  # each rank keeps its own part of the scaled update D
-            scaled = as_matrices(orthogonal, layout) * (factors[..., None, :] if along_columns
-                                                        else factors[..., None])
-            orthogonal = _local_parts(from_matrices(scaled, layout, orthogonal.shape), params)
+            direction = scaled_direction(orthogonal, factors, layout, along_columns)
+            orthogonal = _local_parts(direction, params)
             factors = orthogonal.new_ones(as_matrices(orthogonal, layout).size(0), 1)
             along_columns = False
 
@@ -805,7 +809,7 @@ def _owners(params: list) -> dict:
     rank; matrices on one mesh share the work out among its shard ranks."""
     by_mesh, owners = defaultdict(list), {}
     for param in params:
-        if isinstance(param, DTensor):
+        if isinstance(param, DTensor) and _row_sharded(param):  # the gathered path has no owner
             by_mesh[param.device_mesh].append(param)
     for mesh, matrices in by_mesh.items():
         ranks = assign_owners([p.numel() for p in matrices], mesh.size(mesh.ndim - 1))
