@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import normuon  # noqa: E402
+from gloo_exit import end_worker  # noqa: E402
 
 VOCAB, CHECKPOINT_STEP, MORE_STEPS = 32, 3, 3
 
@@ -108,8 +109,7 @@ def main():
     dist.all_gather_object(all_rows, local_rows)
     if dist.get_rank() == 0:
         torch.save(dict(result, local_rows=all_rows), result_path)
-    dist.barrier()  # gloo can abort at exit if one rank tears down while others still talk
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import normuon  # noqa: E402
+from gloo_exit import end_worker  # noqa: E402
 
 
 class Weight(nn.Module):
@@ -140,8 +141,7 @@ def main():
             json.dump(dict(param_errors=param_errors, state_errors=state_errors, state_keys=all_keys,
                            local_rows=all_rows, replicated_parameter_error=replicated_parameter_error,
                            mesh_3d_error=mesh_3d_error), f, indent=1)
-    dist.barrier()  # gloo can abort at exit if one rank tears down while others still talk
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import normuon  # noqa: E402
+from gloo_exit import end_worker  # noqa: E402
 
 # name: (shape, placements on the 2-D mesh, or on the 1-D mesh if "1d", NorMuon group settings)
 CASES = {
@@ -72,8 +73,7 @@ def main():
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(dict(param_errors=param_errors, state_errors=state_errors), f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":
