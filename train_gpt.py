@@ -240,6 +240,7 @@ class TrainConfig:
     seed: int = 1337  # model init, order of the training data, text sample
     device: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False
     peak_tflops: float = 989.0
 
 
@@ -259,6 +260,7 @@ FLAG_HELP = dict(  # for --help, where the name does not say it all
     eval_batches="validation batches of batch_size / grad_accum_steps sequences, 0: none",
     run_name="the run's directory under out_dir (default: <preset>-<optimizer>)",
     resume="continue out_dir/run_name from its newest good checkpoint (with these flags' lr etc.)",
+    cuda_graph="replay NorMuon's step as one CUDA graph (GPU; saves its launch overhead)",
     peak_tflops="peak bf16 TFLOP/s of one GPU, for MFU (989: H100 SXM dense)",
 )
 
@@ -291,6 +293,9 @@ def check_config(config: TrainConfig, world_size: int) -> None:
             raise UserError(f"--{name} must be >= {minimums[name]}, got {value!r}.")
         if name in ("lr", "adamw_lr", "peak_tflops") and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{name} must be a positive finite number, got {value!r}.")
+    if config.cuda_graph and config.optimizer == "adamw":
+        raise UserError("--cuda_graph captures NorMuon's (or Muon's) step; drop it with "
+                        "--optimizer adamw.")
     if config.batch_size % (world_size * config.grad_accum_steps):
         raise UserError(f"--batch_size {config.batch_size} must be divisible by the number of "
                         f"processes ({world_size}) times --grad_accum_steps.")
@@ -313,7 +318,8 @@ def build_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
         try:
             optimizer = NorMuon(groups, lr=config.lr, momentum=config.momentum, beta2=config.beta2,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov,
-                                normalize=config.optimizer == "normuon")
+                                normalize=config.optimizer == "normuon",
+                                cuda_graph=config.cuda_graph)
         except ValueError as error:  # a hyperparameter out of range (e.g. --momentum 1.5)
             raise UserError(str(error)) from None
     for group in optimizer.param_groups:
