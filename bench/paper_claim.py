@@ -129,13 +129,20 @@ of steps, and how many fewer steps does it need to reach their final loss?
 History
 -------
 - v3: written down before its first run, after v2's results (bench/results/paper_claim.json). Ran
-  on one H200 (torch 2.11.0+cu130, 2026-12-01) in two calls: `run --phase claim` (333 s; train_gpt.py
-  and normuon.py of commit 692e31d): 25.6M Muon seeds 1-3 and NorMuon seeds 1-2; `run --phase v3`
-  (356 s; train_gpt.py of 692e31d with normuon.py of 6461d26, through two_lists): NorMuon seed 3,
-  both k - 1 points, both optimizers' seed 4. Five 25.6M processes sharing the GPU ran at 1.8M
-  tokens/s together (~290 TFLOP/s of model FLOPs), 187-200 TFLOP/s over each call with start-up and
-  the last round, so 5 runs fitted per call, not the 8 estimated. Not run, for want of GPU time:
-  seed 5 at 25.6M, the k + 1 points, the control and every larger-dimension run.
+  on one H200 (torch 2.11.0+cu130, 2026-12-01) in six calls, 1541 s in all: `run --phase claim`
+  (333 s; train_gpt.py and normuon.py of commit 692e31d): 25.6M Muon seeds 1-3 and NorMuon seeds
+  1-2; `run --phase v3` (356 s; train_gpt.py of 692e31d with normuon.py of 6461d26, through
+  two_lists): NorMuon seed 3, both k - 1 points, both optimizers' seed 4. Five 25.6M processes
+  sharing the GPU ran at 1.8M tokens/s together (~290 TFLOP/s of model FLOPs), 187-200 TFLOP/s over
+  each call with start-up and the last round, so 5 runs fitted per call, not the 8 estimated. Then
+  `run --phase axis` (124 s): the 10.9M control and larger-dimension seeds 1-5; `run --phase reruns`
+  (93 s): v2's NorMuon seeds 2-5 again (the amendment above); `run --phase v3 --parallel 9` (462 s):
+  both optimizers' seed 5, both k + 1 points, 25.6M larger-dimension seeds 1-3 (seed 4 started and
+  was stopped); `run --phase v3 --parallel 2` (174 s): 25.6M larger-dimension seeds 4 and 5. These
+  four calls record no source commit. With them every run of the plan finished (none missing). A
+  separate invocation ran both 25.6M seed-5 runs again (bench/results/paper_claim_v3/rerun_seed5.log,
+  not merged): Muon 0.9109 and NorMuon 0.9090 against the saved 0.9097 and 0.9104, so one run
+  repeats to about 0.001; the report uses the saved runs.
 - v2: written down before its first run, after v1's results had been rechecked.
 - v1 (this script before protocol v2): Shakespeare bytes, 4.73M training tokens read front to back
   in the same order for every seed; 1000 steps of 64 x 256 tokens (3.5 passes), then 32 x 256 (1.73
