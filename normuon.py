@@ -23,7 +23,9 @@ groups with ``use_muon=False`` (embeddings, head, norms, biases) are trained by 
 Which axis holds the neurons depends on how a model stores its weights (``LAYOUTS``): nn.Linear
 keeps (out, in), GPT-2's Conv1D (in, out), conv kernels (out, in, *kernel), MoE layers stack experts
 (E, out, in). ``as_matrices`` turns any of them into (B, neurons, inputs) views, and
-``split_parameters`` finds the layout of each weight of a model.
+``split_parameters`` finds the layout of each weight of a model. On CUDA, Newton–Schulz's products
+run as two small Triton kernels (symmetric X Xᵀ and A², half the tiles; P X + a X without a copy)
+where Triton imports, and as torch's matmuls elsewhere (``NS_KERNELS``).
 
 Under FSDP2 every parameter is a DTensor sharded by dim 0 (under HSDP: sharded over the mesh's
 last axis, replicated over the first), and ``NorMuon.step`` runs this plan in each shard group:
@@ -44,7 +46,9 @@ runs lines 3-6 on them, and keeps its own part of the update. AdamW is element-w
 each rank's shard as it is.
 """
 
+import contextlib
 import math
+import os
 import warnings
 from collections import defaultdict
 
@@ -53,6 +57,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.optim.adamw import adamw as torch_adamw
+
+try:  # optional: Newton–Schulz's products as Triton kernels on CUDA (``symmetric_product``)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as in torch.optim.Muon
 # Polar Express (Amsel et al., arXiv:2505.16932): one quintic per step, computed for five steps on
@@ -123,6 +133,8 @@ def newton_schulz(matrix: Tensor, steps: int = 5, coefficients=MUON_COEFFICIENTS
     tiny singular values into a band around 1 (roughly 0.7 to 1.2), not onto 1: the result is
     U S' Vᵀ, well conditioned but not exactly U Vᵀ. ``coefficients`` is one (a, b, c) for every
     step, or one triple per step (Polar Express: X is then normalized by 1.02 ||X||_F).
+    On CUDA the products are Triton kernels (``symmetric_product``, ``product_plus``) that skip
+    half of each symmetric product; elsewhere torch's matmuls, with the same rounding.
     """
     per_step = isinstance(coefficients[0], (tuple, list))
     schedule = list(coefficients) if per_step else [coefficients] * steps
@@ -137,11 +149,11 @@ def newton_schulz(matrix: Tensor, steps: int = 5, coefficients=MUON_COEFFICIENTS
     norm = x.norm(dim=(-2, -1), keepdim=True) * (POLAR_EXPRESS_SAFETY if per_step else 1.0)
     x = x / norm.clamp(min=eps)
     for a, b, c in schedule[:steps]:
-        gram = x @ x.mT                                                        # A = X Xᵀ
-        # b A + c A², one fused matmul. Correctness: with c = 0, bf16 baddbmm on CPUs with native
-        # bf16 returns A without the factor b, so that case is a plain product.
-        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if c != 0 else gram * b
-        x = torch.baddbmm(x, polynomial, x, beta=a)                      # a X + (b A + c A²) X
+        gram = symmetric_product(x)                                            # A = X Xᵀ
+        # b A + c A² = c A Aᵀ + b A, one fused product. Correctness: with c = 0, bf16 baddbmm on
+        # CPUs with native bf16 returns A without the factor b, so that case is a plain product.
+        polynomial = symmetric_product(gram, c, b, addend=gram) if c != 0 else gram * b
+        x = product_plus(polynomial, x, a)                               # a X + (b A + c A²) X
     if transposed:
         x = x.mT
     return x.reshape(matrix.shape)
@@ -291,6 +303,148 @@ def assign_owners(sizes: list, world_size: int) -> list:
     for position, k in enumerate(order):
         owners[k] = position % world_size
     return owners
+
+
+# -----------------------------------------------------------------------------
+# Newton–Schulz's products: Triton kernels on CUDA, torch's matmuls elsewhere
+#
+# Speed: A = X Xᵀ and b A + c A² = c A Aᵀ + b A are symmetric, so the kernel computes only the
+# tiles (i, j), i <= j, of the upper block triangle and stores each also at (j, i): half the
+# tiles. baddbmm copies its addend into the output before the product (one more read and write
+# of X per step); here the addend is read in the epilogue. Numerics as cuBLAS's baddbmm: fp32
+# accumulation, the epilogue in fp32, one rounding to bf16. Autotuning runs on a shape's first
+# call (with cuda_graph=True: the eager step before the capture); later launches never sync the
+# host, so they can be captured.
+
+# Which products NS runs: "auto" (the kernels for CUDA tensors where triton imports), "torch"
+# (always torch's matmuls), "triton" (always the kernels; on CPU under TRITON_INTERPRET=1).
+NS_KERNELS = "auto"
+
+
+def _ns_kernels(x: Tensor) -> bool:
+    """Whether ``x``'s products run as Triton kernels (empty batches: torch's)."""
+    if NS_KERNELS not in ("auto", "torch", "triton"):
+        raise ValueError(f"normuon.NS_KERNELS must be 'auto', 'torch' or 'triton', got "
+                         f"{NS_KERNELS!r}.")
+    if NS_KERNELS == "auto":
+        return triton is not None and x.is_cuda and x.numel() > 0
+    return NS_KERNELS == "triton" and x.numel() > 0
+
+
+def _on_device(x: Tensor):
+    """Correctness: Triton launches on the current CUDA device, torch on the tensor's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _configs(blocks: list) -> list:
+    """The autotuner's candidates: each tile size in ``blocks`` (dicts) × 4 or 8 warps × 3 or 4
+    stages, BLOCK_K 64. On an H200, 128-row tiles won at every NS shape of bench/ns_kernels.py
+    (124M to 1.1B); 64 rows are there for smaller matrices."""
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one config, no timing
+        return [triton.Config({**{name: 32 for name in blocks[0]}, "BLOCK_K": 32})]
+    return [triton.Config({**block, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+            for block in blocks for warps in (4, 8) for stages in (3, 4)]
+
+
+if triton is not None:
+    @triton.autotune(_configs([dict(BLOCK=64), dict(BLOCK=128)]), key=["m", "k", "stride_xk"])
+    @triton.jit
+    def _symmetric_product_kernel(x, c, out, m, k, alpha, beta, stride_xb, stride_xm, stride_xk,
+                                  stride_cb, stride_cm, stride_cn, HAS_C: tl.constexpr,
+                                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program t is the square tile (i, j), i <= j: t = j (j + 1) / 2 + i counts the triangle
+        # column by column. The float root is corrected by one step either way.
+        t = tl.program_id(0)
+        j = ((tl.sqrt(8.0 * t + 1.0) - 1.0) / 2.0).to(tl.int32)
+        j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+        j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
+        i = t - j * (j + 1) // 2
+        batch = tl.program_id(1).to(tl.int64)
+        rows, cols = i * BLOCK + tl.arange(0, BLOCK), j * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        x += batch * stride_xb
+        left = x + (rows % m)[:, None] * stride_xm + ks[None, :] * stride_xk   # X[rows, ks]
+        right = x + ks[:, None] * stride_xk + (cols % m)[None, :] * stride_xm  # Xᵀ[ks, cols]
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            acc = tl.dot(tl.load(left, mask=ks[None, :] < k - start, other=0.0),
+                         tl.load(right, mask=ks[:, None] < k - start, other=0.0), acc)
+            left += BLOCK_K * stride_xk
+            right += BLOCK_K * stride_xk
+        inside = (rows[:, None] < m) & (cols[None, :] < m)
+        acc *= alpha
+        if HAS_C:  # C symmetric: only its upper block triangle is read
+            c += batch * stride_cb + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+            acc += beta * tl.load(c, mask=inside).to(tl.float32)
+        result = acc.to(out.dtype.element_ty)
+        out += batch * m * m
+        tl.store(out + rows[:, None] * m + cols[None, :], result, mask=inside)
+        if i != j:  # the mirror tile (j, i)
+            tl.store(out + cols[:, None] * m + rows[None, :], tl.trans(result),
+                     mask=tl.trans(inside))
+
+    _TILES = [(64, 128), (128, 128), (128, 256)]  # (BLOCK_M, BLOCK_N)
+
+    @triton.autotune(_configs([dict(BLOCK_M=m, BLOCK_N=n) for m, n in _TILES]),
+                     key=["m", "n", "stride_xn"])
+    @triton.jit
+    def _product_plus_kernel(p, x, out, m, n, a, stride_pb, stride_pm, stride_pk, stride_xb,
+                             stride_xm, stride_xn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # Tile (i, j) of P X, i fastest: neighbouring programs share X's column block in L2.
+        tiles_m = tl.cdiv(m, BLOCK_M)
+        i, j = tl.program_id(0) % tiles_m, tl.program_id(0) // tiles_m
+        batch = tl.program_id(1).to(tl.int64)
+        rows, cols = i * BLOCK_M + tl.arange(0, BLOCK_M), j * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        p += batch * stride_pb
+        x += batch * stride_xb
+        left = p + (rows % m)[:, None] * stride_pm + ks[None, :] * stride_pk   # P[rows, ks]
+        right = x + ks[:, None] * stride_xm + (cols % n)[None, :] * stride_xn  # X[ks, cols]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, m, BLOCK_K):
+            acc = tl.dot(tl.load(left, mask=ks[None, :] < m - start, other=0.0),
+                         tl.load(right, mask=ks[:, None] < m - start, other=0.0), acc)
+            left += BLOCK_K * stride_pk
+            right += BLOCK_K * stride_xm
+        inside = (rows[:, None] < m) & (cols[None, :] < n)
+        x += rows[:, None] * stride_xm + cols[None, :] * stride_xn
+        acc += a * tl.load(x, mask=inside).to(tl.float32)
+        tl.store(out + batch * m * n + rows[:, None] * n + cols[None, :],
+                 acc.to(out.dtype.element_ty), mask=inside)
+
+
+def symmetric_product(x: Tensor, alpha: float = 1.0, beta: float = 0.0,
+                      addend: Tensor = None) -> Tensor:
+    """alpha X Xᵀ + beta C for X (B, m, k), any strides, and C (B, m, m) symmetric or None;
+    bf16 (B, m, m), exactly symmetric from the kernel."""
+    if not _ns_kernels(x):
+        if addend is None:
+            return x @ x.mT if alpha == 1 else alpha * (x @ x.mT)
+        return torch.baddbmm(addend, x, x.mT, beta=beta, alpha=alpha)
+    m, k = x.shape[-2:]
+    out = x.new_empty(x.size(0), m, m)
+    with_c = addend is not None and beta != 0
+    c = addend if with_c else out  # not read without C
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]) * (triton.cdiv(m, meta["BLOCK"]) + 1) // 2,
+                         x.size(0))
+    with _on_device(x):
+        _symmetric_product_kernel[grid](x, c, out, m, k, alpha, beta, *x.stride(), *c.stride(),
+                                        HAS_C=with_c)
+    return out
+
+
+def product_plus(p: Tensor, x: Tensor, a: float) -> Tensor:
+    """P X + a X for P (B, m, m) and X (B, m, n), any strides; bf16 (B, m, n)."""
+    if not _ns_kernels(x):
+        return torch.baddbmm(x, p, x, beta=a)
+    m, n = x.shape[-2:]
+    out = x.new_empty(x.size(0), m, n)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+                         x.size(0))
+    with _on_device(x):
+        _product_plus_kernel[grid](p, x, out, m, n, a, *p.stride(), *x.stride())
+    return out
 
 
 # -----------------------------------------------------------------------------

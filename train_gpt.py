@@ -588,17 +588,26 @@ def format_log_line(record: dict, max_steps: int, shown: str) -> str:
 
 
 def main():
+    code = 0
     try:
         train(parse_args())
     except KeyboardInterrupt:  # outside the training loop, which saves and stops by itself
         print("interrupted outside the training loop: nothing to save", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except UserError as error:
         message = str(error) if isinstance(error, Interrupted) else f"error: {error}"
         if int(os.environ.get("RANK", 0)) == 0:
             print(message, file=sys.stderr, flush=True)
         tell_torchrun(message)
-        sys.exit(128 + error.signal_number if isinstance(error, Interrupted) else 1)
+        code = 128 + error.signal_number if isinstance(error, Interrupted) else 1
+    if code == 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Correctness: the run is saved and the process group destroyed, but at interpreter
+        # finalization gloo's worker threads can still abort the process (SIGABRT, "terminate
+        # called without an active exception"), which torchrun would report as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
