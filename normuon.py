@@ -347,6 +347,20 @@ def _configs(blocks: list) -> list:
 
 
 if triton is not None:
+    @triton.jit
+    def _tile_product(left, right, left_step, right_step, k, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One fp32 tile of L R: pointers to L's (BLOCK_M, BLOCK_K) and R's (BLOCK_K, BLOCK_N)
+        first blocks, stepped along k by ``left_step`` / ``right_step`` elements per k index."""
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            acc = tl.dot(tl.load(left, mask=ks[None, :] < k - start, other=0.0),
+                         tl.load(right, mask=ks[:, None] < k - start, other=0.0), acc)
+            left += BLOCK_K * left_step
+            right += BLOCK_K * right_step
+        return acc
+
     @triton.autotune(_configs([dict(BLOCK=64), dict(BLOCK=128)]), key=["m", "k", "stride_xk"])
     @triton.jit
     def _symmetric_product_kernel(x, c, out, m, k, alpha, beta, stride_xb, stride_xm, stride_xk,
@@ -365,12 +379,7 @@ if triton is not None:
         x += batch * stride_xb
         left = x + (rows % m)[:, None] * stride_xm + ks[None, :] * stride_xk   # X[rows, ks]
         right = x + ks[:, None] * stride_xk + (cols % m)[None, :] * stride_xm  # Xᵀ[ks, cols]
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for start in range(0, k, BLOCK_K):
-            acc = tl.dot(tl.load(left, mask=ks[None, :] < k - start, other=0.0),
-                         tl.load(right, mask=ks[:, None] < k - start, other=0.0), acc)
-            left += BLOCK_K * stride_xk
-            right += BLOCK_K * stride_xk
+        acc = _tile_product(left, right, stride_xk, stride_xk, k, BLOCK, BLOCK, BLOCK_K)
         inside = (rows[:, None] < m) & (cols[None, :] < m)
         acc *= alpha
         if HAS_C:  # C symmetric: only its upper block triangle is read
@@ -401,12 +410,7 @@ if triton is not None:
         x += batch * stride_xb
         left = p + (rows % m)[:, None] * stride_pm + ks[None, :] * stride_pk   # P[rows, ks]
         right = x + ks[:, None] * stride_xm + (cols % n)[None, :] * stride_xn  # X[ks, cols]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, m, BLOCK_K):
-            acc = tl.dot(tl.load(left, mask=ks[None, :] < m - start, other=0.0),
-                         tl.load(right, mask=ks[:, None] < m - start, other=0.0), acc)
-            left += BLOCK_K * stride_pk
-            right += BLOCK_K * stride_xm
+        acc = _tile_product(left, right, stride_pk, stride_xm, m, BLOCK_M, BLOCK_N, BLOCK_K)
         inside = (rows[:, None] < m) & (cols[None, :] < n)
         x += rows[:, None] * stride_xm + cols[None, :] * stride_xn
         acc += a * tl.load(x, mask=inside).to(tl.float32)
