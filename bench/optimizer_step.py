@@ -3,7 +3,8 @@
     python bench/optimizer_step.py                 # writes bench/results/optimizer_step.json
 
 For torch.optim.AdamW(fused=True), torch.optim.Muon, our NorMuon (element-wise stages compiled, the
-default on CUDA, and not; and with cuda_graph=True, also with Polar Express), and our Muon
+default on CUDA, and not; and with cuda_graph=True, also with Polar Express; and with Newton–Schulz
+on torch's matmuls instead of normuon.py's Triton kernels, eager and graphed), and our Muon
 (normalize=False, eager and with cuda_graph=True):
 median step time over 30 steps after 5 warm-up steps (CUDA events, fp32 parameters, fresh random
 gradients), the Newton–Schulz FLOPs per step, the TFLOP/s that implies, the bf16 matmul rate of
@@ -30,6 +31,17 @@ MODELS = {
     "1.1B": (16, [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
     "tiny": (2, [(96, 32), (32, 32), (128, 32), (32, 128), (5, 32)]),  # CPU checks of the FSDP2 path; 5 rows < 8 ranks
 }
+class TorchMatmuls(normuon.NorMuon):
+    """NorMuon with Newton–Schulz on torch's matmuls instead of the Triton kernels: the step before them."""
+
+    def step(self, closure=None):
+        normuon.NS_KERNELS = "torch"
+        try:
+            return super().step(closure)
+        finally:
+            normuon.NS_KERNELS = "auto"
+
+
 OPTIMIZERS = {
     "AdamW (torch, fused)": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True),
     "Muon (torch)": lambda params: torch.optim.Muon(params, lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
@@ -40,6 +52,9 @@ OPTIMIZERS = {
                                                                       cuda_graph=True),
     "Muon (ours, normalize=False, cuda_graph=True)": lambda params: normuon.NorMuon(
         params, lr=1e-3, weight_decay=0.1, normalize=False, cuda_graph=True),
+    "NorMuon (ours, NS on torch matmuls)": lambda params: TorchMatmuls(params, lr=1e-3, weight_decay=0.1),
+    "NorMuon (ours, NS on torch matmuls, cuda_graph=True)": lambda params: TorchMatmuls(
+        params, lr=1e-3, weight_decay=0.1, cuda_graph=True),
     "NorMuon (ours, Polar Express, cuda_graph=True)": lambda params: normuon.NorMuon(
         params, lr=1e-3, weight_decay=0.1, ns_coefficients=normuon.POLAR_EXPRESS_COEFFICIENTS, cuda_graph=True),
 }

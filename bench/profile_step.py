@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import normuon  # noqa: E402
 from optimizer_step import MODELS, bf16_matmul_tflops, newton_schulz_flops, time_cuda  # noqa: E402
 
-GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas", re.IGNORECASE)
+# cuBLAS's kernels, and normuon.py's Triton kernels for Newton–Schulz's products
+GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas|_symmetric_product_kernel|_product_plus_kernel",
+                  re.IGNORECASE)
 COPY = re.compile(r"memcpy|memset|copy_kernel|CatArrayBatchedCopy", re.IGNORECASE)
 
 
