@@ -69,6 +69,30 @@ def measure_newton_schulz(shape, coefficients, seed):
         {"triton": outputs["triton"]}, outputs["torch"].double())["triton"])
 
 
+LAYOUTS = {"out_in": (40, 72), "in_out": (72, 40), "conv": (24, 4, 3, 3),
+           "experts_out_in": (3, 24, 40), "experts_in_out": (2, 40, 24)}
+
+
+def measure_optimizer(layout, shape, seed):
+    """Three NorMuon steps on one weight of ``layout`` with the kernels and with torch's path:
+    the relative difference of the two updates, and how many products took the kernels."""
+    decide, launched = normuon._ns_kernels, []
+    normuon._ns_kernels = lambda x: launched.append(decide(x)) or launched[-1]
+    updates = {}
+    for mode in ("triton", "torch"):
+        normuon.NS_KERNELS = mode
+        start = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = normuon.NorMuon([dict(params=[weight], layout=layout)], lr=0.02, compile=False)
+        for step in range(3):
+            weight.grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + step))
+            optimizer.step()
+        updates[mode] = (weight.detach() - start).double()
+    normuon._ns_kernels = decide
+    difference = (updates["triton"] - updates["torch"]).norm() / updates["torch"].norm()
+    return dict(difference=difference.item(), kernel_products=sum(launched))
+
+
 def measure():
     torch.manual_seed(0)
     normuon.NS_KERNELS = "triton"
@@ -93,8 +117,10 @@ def measure():
                      for seed, shape in enumerate([(2, 48, 80), (3, 64, 200), (1, 150, 64)])}
     normuon.NS_KERNELS = "triton"
     zero = normuon.newton_schulz(torch.zeros(2, 16, 40))
+    optimizer = {layout: measure_optimizer(layout, shape, seed)
+                 for seed, (layout, shape) in enumerate(LAYOUTS.items())}
     return dict(symmetric=symmetric, product_plus=product_plus, newton_schulz=newton_schulz,
-                zero=bool((zero == 0).all()))
+                zero=bool((zero == 0).all()), optimizer=optimizer)
 
 
 def patch_interpreter_bf16():
@@ -194,6 +220,16 @@ def test_newton_schulz_with_kernels_is_as_close_to_float64_as_torch(measured, ca
 
 def test_newton_schulz_with_kernels_keeps_zero_at_zero(measured):
     assert measured["zero"]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_normuon_with_kernels_steps_as_with_torch_products(measured, layout):
+    """The optimizer's own calls (views of every layout, tall and wide, batched experts) through
+    the kernels: three steps land where torch's products do, to the NS difference above (the
+    update is O_t scaled per neuron, so its relative difference is that of O_t)."""
+    result = measured["optimizer"][layout]
+    assert result["kernel_products"] == 3 * 5 * 3, result  # 3 steps × 5 NS steps × 3 products
+    assert result["difference"] < 1e-2, result
 
 
 def test_cpu_tensors_take_the_torch_path():
