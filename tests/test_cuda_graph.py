@@ -1,12 +1,20 @@
 """cuda_graph=True against the eager step, on a GPU (skipped elsewhere): the same parameters and
 state after steps with a changing learning rate, new gradient tensors every step, and an AdamW group.
-On CPUs the flag is refused with a clear error."""
+The FSDP2 path is captured too, at world size 1 under NCCL (tests/graph_worker.py). On CPUs the
+flag is refused with a clear error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import normuon
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cuda_graph_needs_cuda_parameters():
@@ -45,3 +53,17 @@ def test_captured_step_equals_eager(settings):
     errors = [((p - q).norm() / (p - p0).norm()).item() for p, q, p0 in zip(eager, graphed, initial)]
     print("relative difference of the parameter change, per parameter:", errors)
     assert max(errors[:3]) < 1e-6 and errors[3] < 1e-5, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_fsdp2_step_equals_eager(tmp_path):
+    """tests/graph_worker.py: the FSDP2 path (DTensor parameters, the owner plan's all_to_all and
+    all-reduce under NCCL) captured at world size 1, against its eager step: the bounds above."""
+    result = tmp_path / "result.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                    str(REPO / "tests" / "graph_worker.py"), str(result)], check=True, timeout=300,
+                   cwd=REPO)
+    outcome = json.loads(result.read_text())
+    print("relative difference of the parameter change, per parameter:", outcome["errors"])
+    assert outcome["replayed"]
+    assert max(outcome["errors"][:3]) < 1e-6 and outcome["errors"][3] < 1e-5, outcome
