@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import normuon  # noqa: E402
-from optimizer_step import time_cuda  # noqa: E402
+from optimizer_step import time_cuda, with_kernels  # noqa: E402
 
 # (layers, [(rows, columns)]) of one block's NS matrices: QKV, attention out, MLP up, MLP down.
 MODELS = {
@@ -30,17 +30,6 @@ MODELS = {
     "1.1B": (16, [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)]),
 }
 STEPS = 5
-
-
-def with_kernels(mode: str, function, *args):
-    """``function(*args)`` with normuon's products on ``mode``: "triton" or "torch"."""
-    def call():
-        normuon.NS_KERNELS = mode
-        try:
-            return function(*args)
-        finally:
-            normuon.NS_KERNELS = "auto"
-    return call
 
 
 def graphed(call):

@@ -31,15 +31,24 @@ MODELS = {
     "1.1B": (16, [(3072, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
     "tiny": (2, [(96, 32), (32, 32), (128, 32), (32, 128), (5, 32)]),  # CPU checks of the FSDP2 path; 5 rows < 8 ranks
 }
+
+
+def with_kernels(mode: str, function, *args):
+    """``function(*args)`` with normuon's Newton–Schulz products on ``mode``: "triton" or "torch"."""
+    def call():
+        normuon.NS_KERNELS = mode
+        try:
+            return function(*args)
+        finally:
+            normuon.NS_KERNELS = "auto"
+    return call
+
+
 class TorchMatmuls(normuon.NorMuon):
     """NorMuon with Newton–Schulz on torch's matmuls instead of the Triton kernels: the step before them."""
 
     def step(self, closure=None):
-        normuon.NS_KERNELS = "torch"
-        try:
-            return super().step(closure)
-        finally:
-            normuon.NS_KERNELS = "auto"
+        return with_kernels("torch", super().step, closure)()
 
 
 OPTIMIZERS = {
@@ -147,7 +156,7 @@ def main():
             if top in ms and bottom in ms:
                 row[key] = ms[top] / ms[bottom]
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"\n| model | NS floor ms | " + " | ".join(args.optimizers) + " | ours/torch Muon | NorMuon/our Muon |")
+    print("\n| model | NS floor ms | " + " | ".join(args.optimizers) + " | ours/torch Muon | NorMuon/our Muon |")
     print("|---" * (len(args.optimizers) + 4) + "|")
     for model, row in results["models"].items():
         cells = " | ".join(f"{entry['ms']:.2f}" for entry in row["optimizers"].values())
