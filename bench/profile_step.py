@@ -3,8 +3,9 @@
     python bench/profile_step.py            # writes bench/results/profile_step.json
 
 For the hidden matrices of bench/optimizer_step.py's models (fp32 parameters, weight decay 0.1), one
-step under torch.profiler after warm-up: GPU kernel time split into GEMM (Newton–Schulz), copies, and
-the rest (element-wise and reductions), next to
+step under torch.profiler after warm-up (compiled, eager, and replayed from a CUDA graph): GPU
+kernel time split into GEMM (Newton–Schulz), copies, and the rest (element-wise and reductions),
+next to
   - the NS floor: NS FLOPs / the bf16 matmul rate measured here (8192³), and
   - the byte floor: each fp32 gradient read once, momentum and parameter read and written once
     (20 bytes per parameter) / the copy bandwidth measured here (counting bytes read and written).
@@ -37,9 +38,13 @@ def copy_bandwidth_gbs(gigabytes: float = 2.0) -> float:
     return 2 * source.numel() * 4 / milliseconds / 1e6
 
 
-def profile_step(shapes, compile_: bool) -> dict:
+VARIANTS = {"compiled": dict(compile=True), "eager": dict(compile=False),
+            "graphed": dict(compile=True, cuda_graph=True)}
+
+
+def profile_step(shapes, options: dict) -> dict:
     params = [torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02) for shape in shapes]
-    optimizer = normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, compile=compile_)
+    optimizer = normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, **options)
     for p in params:
         p.grad = torch.randn_like(p)
     for _ in range(5):  # warm-up, compilation included
@@ -77,10 +82,10 @@ def main():
         parameters = sum(a * b for a, b in shapes)
         row = dict(parameters=parameters, ns_floor_ms=newton_schulz_flops(shapes) / matmul_tflops / 1e9,
                    byte_floor_ms=20 * parameters / bandwidth / 1e6)
-        for compile_ in (True, False):
-            row["compiled" if compile_ else "eager"] = profile_step(shapes, compile_)
+        for variant, options in VARIANTS.items():
+            row[variant] = profile_step(shapes, options)
         results["models"][model] = row
-        for variant in ("compiled", "eager"):
+        for variant in VARIANTS:
             r = row[variant]
             print(f"{model} {variant}: step {r['step_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} = GEMM {r['gemm_ms']:.2f} + "
                   f"copy {r['copy_ms']:.2f} + other {r['other_ms']:.2f}; floors: NS {row['ns_floor_ms']:.2f}, "
