@@ -763,8 +763,11 @@ def _orthogonalize_on_owners(update: Tensor, shape, layout: str, owners: list, p
     mine = per_rank[rank]
 
     # 3. Gather: every rank sends its shard of tensor k to owners[k], in bf16 (2 bytes/element).
-    send = update.new_zeros(count, chunk, columns)
-    send[:, :local_rows] = update[by_owner]
+    #    Correctness: stack and pad, not update[by_owner]: a list index is a host-to-device copy,
+    #    which a CUDA graph capture refuses.
+    send = torch.stack([update[k] for k in by_owner])                     # (K, local rows, cols)
+    if local_rows < chunk:
+        send = torch.nn.functional.pad(send, (0, 0, 0, chunk - local_rows))  # (K, chunk, cols)
     received = send.new_empty(world_size * mine, chunk, columns)  # (source rank · my tensor, ...)
     dist.all_to_all_single(received, send, [mine] * world_size, per_rank, group=process_group)
 
@@ -781,9 +784,9 @@ def _orthogonalize_on_owners(update: Tensor, shape, layout: str, owners: list, p
     send_back = send_back.reshape(world_size * mine, chunk, columns)
     returned = send.new_empty(count, chunk, columns)
     dist.all_to_all_single(returned, send_back, per_rank, [mine] * world_size, group=process_group)
-    result = torch.empty_like(returned)
-    result[by_owner] = returned
-    return result[:, :local_rows].reshape(count, local_rows, *shape[1:])
+    position = {k: i for i, k in enumerate(by_owner)}
+    result = torch.stack([returned[position[k], :local_rows] for k in range(count)])
+    return result.reshape(count, local_rows, *shape[1:])
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ kernel time split into GEMM (Newton–Schulz), copies, and the rest (element-wis
 next to
   - the NS floor: NS FLOPs / the bf16 matmul rate measured here (8192³), and
   - the byte floor: each fp32 gradient read once, momentum and parameter read and written once
-    (20 bytes per parameter) / the copy bandwidth measured here (counting bytes read and written).
+    (20 bytes per parameter) / the copy bandwidth measured here (counting bytes read and written);
+and, from one more step, the host's busiest operations (self CPU time), for launch-bound steps.
 """
 
 import argparse
@@ -53,6 +54,12 @@ def profile_step(shapes, options: dict) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         optimizer.step()
         torch.cuda.synchronize()
+    # Where the host's time goes: operators and CUDA runtime calls (launches, copies, syncs).
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as host_profiler:
+        optimizer.step()
+        torch.cuda.synchronize()
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in host_profiler.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda item: -item[1])
     kernels = {}
     for event in profiler.key_averages():
         if event.device_time_total > 0:
@@ -64,7 +71,8 @@ def profile_step(shapes, options: dict) -> dict:
     top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
     del optimizer, params
     torch.cuda.empty_cache()
-    return dict(step_ms=step_ms, gpu_ms=sum(kernels.values()), **split, top_kernels_ms=dict(top))
+    return dict(step_ms=step_ms, gpu_ms=sum(kernels.values()), **split, top_kernels_ms=dict(top),
+                host_self_ms=dict(host[:15]))
 
 
 def main():
