@@ -22,20 +22,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import normuon  # noqa: E402
 from optimizer_step import MODELS, time_cuda  # noqa: E402
-
-
-def build(**options) -> normuon.NorMuon:
-    layers, block_shapes = MODELS["124M"]
-    params = [torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02)
-              for shape in block_shapes * layers]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, **options)
+from profile_step import busiest_host_operations, normuon_on  # noqa: E402
 
 
 def enqueue_ms(optimizer, steps: int = 10) -> float:
@@ -59,27 +50,20 @@ def host_syncs(optimizer) -> list:
     return [str(w.message)[:200] for w in caught]
 
 
-def host_profile(optimizer) -> list:
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        optimizer.step()
-        torch.cuda.synchronize()
-    host = [(e.key, round(e.self_cpu_time_total / 1e3, 3), e.count)
-            for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
-    return sorted(host, key=lambda item: -item[1])[:25]
-
-
 def measure(patch: dict, **options) -> dict:
     """One variant, with normuon's attributes in ``patch`` replaced for its duration."""
     saved = {name: getattr(normuon, name) for name in patch}
     for name, value in patch.items():
         setattr(normuon, name, value)
     try:
-        optimizer = build(**options)
+        layers, block_shapes = MODELS["124M"]
+        optimizer = normuon_on(block_shapes * layers, **options)
         for _ in range(5):  # warm-up: compilation and autotuning
             optimizer.step()
         result = dict(step_ms=time_cuda(optimizer.step, warmup=2, repeats=20),
                       enqueue_ms=enqueue_ms(optimizer), syncs=host_syncs(optimizer),
-                      host=host_profile(optimizer))
+                      host=[(name, round(ms, 3), calls) for name, ms, calls
+                            in busiest_host_operations(optimizer)[:25]])
         del optimizer
         torch.cuda.empty_cache()
         return result

@@ -27,8 +27,8 @@ import normuon  # noqa: E402
 from optimizer_step import MODELS, bf16_matmul_tflops, newton_schulz_flops, time_cuda  # noqa: E402
 
 # cuBLAS's kernels, and normuon.py's Triton kernels for Newton–Schulz's products
-GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas|_symmetric_product_kernel|_product_plus_kernel",
-                  re.IGNORECASE)
+GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|cublas"
+                  r"|_symmetric_product_kernel|_product_plus_kernel", re.IGNORECASE)
 COPY = re.compile(r"memcpy|memset|copy_kernel|CatArrayBatchedCopy", re.IGNORECASE)
 
 
@@ -43,23 +43,35 @@ VARIANTS = {"compiled": dict(compile=True), "eager": dict(compile=False),
             "graphed": dict(compile=True, cuda_graph=True)}
 
 
-def profile_step(shapes, options: dict) -> dict:
+def normuon_on(shapes, **options) -> normuon.NorMuon:
+    """NorMuon (lr 1e-3, weight decay 0.1) on new fp32 CUDA matrices of ``shapes``, each with a
+    gradient."""
     params = [torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02) for shape in shapes]
-    optimizer = normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, **options)
     for p in params:
         p.grad = torch.randn_like(p)
+    return normuon.NorMuon(params, lr=1e-3, weight_decay=0.1, **options)
+
+
+def busiest_host_operations(optimizer) -> list:
+    """(name, self CPU ms, calls) of one step's operators and CUDA runtime calls (launches,
+    copies, syncs), busiest first: where the host's time goes."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        optimizer.step()
+        torch.cuda.synchronize()
+    host = [(e.key, e.self_cpu_time_total / 1e3, e.count)
+            for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    return sorted(host, key=lambda item: -item[1])
+
+
+def profile_step(shapes, options: dict) -> dict:
+    optimizer = normuon_on(shapes, **options)
     for _ in range(5):  # warm-up, compilation included
         optimizer.step()
     step_ms = time_cuda(optimizer.step, warmup=2, repeats=10)
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         optimizer.step()
         torch.cuda.synchronize()
-    # Where the host's time goes: operators and CUDA runtime calls (launches, copies, syncs).
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as host_profiler:
-        optimizer.step()
-        torch.cuda.synchronize()
-    host = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in host_profiler.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda item: -item[1])
+    host = busiest_host_operations(optimizer)
     kernels = {}
     for event in profiler.key_averages():
         if event.device_time_total > 0:
@@ -69,10 +81,10 @@ def profile_step(shapes, options: dict) -> dict:
         kind = "gemm_ms" if GEMM.search(name) else "copy_ms" if COPY.search(name) else "other_ms"
         split[kind] += milliseconds
     top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
-    del optimizer, params
+    del optimizer
     torch.cuda.empty_cache()
     return dict(step_ms=step_ms, gpu_ms=sum(kernels.values()), **split, top_kernels_ms=dict(top),
-                host_self_ms=dict(host[:15]))
+                host_self_ms={name: ms for name, ms, _ in host[:15]})
 
 
 def main():
